@@ -1,0 +1,181 @@
+"""Finds beampipe plugins by entry point and installs them into ophyd and ophyd-async.
+
+Neither ophyd nor ophyd-async discovers control layers on its own: ophyd's
+``set_cl`` knows pyepics, caproto and dummy, and ophyd-async picks its CA/PVA
+backend from a module-level function.  This module is the one place that
+knows how to swap those in, so plugins only declare entry points.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ASYNC_BACKEND_GROUP",
+    "CONTROL_LAYER_EXPORTS",
+    "CONTROL_LAYER_GROUP",
+    "Plugin",
+    "PluginError",
+    "available",
+    "reset",
+    "use",
+]
+
+logger = logging.getLogger("beampipe")
+
+CONTROL_LAYER_GROUP = "ophyd.control_layers"
+ASYNC_BACKEND_GROUP = "ophyd_async.backends"
+#: What ophyd's ``set_cl`` copies from a shim module; a control layer must provide all of it.
+CONTROL_LAYER_EXPORTS = (
+    "setup",
+    "caput",
+    "caget",
+    "get_pv",
+    "thread_class",
+    "name",
+    "release_pvs",
+    "get_dispatcher",
+)
+#: ophyd's own layers, which ophyd's ``set_cl`` handles itself.
+OPHYD_BUILTIN_LAYERS = frozenset({"any", "pyepics", "caproto", "dummy"})
+
+
+class PluginError(LookupError):
+    """A plugin name that is not installed, or an entry point that does not fit its group."""
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """One installed plugin: its name, what it offers, and the distribution it came from."""
+
+    name: str
+    control_layer: str | None
+    async_backend: str | None
+    dist: str | None
+
+
+def _group(group: str) -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
+
+
+def available() -> dict[str, Plugin]:
+    """Every installed plugin by name, with the entry points it registers."""
+    layers, backends = _group(CONTROL_LAYER_GROUP), _group(ASYNC_BACKEND_GROUP)
+    out: dict[str, Plugin] = {}
+    for name in sorted(layers.keys() | backends.keys()):
+        layer, backend = layers.get(name), backends.get(name)
+        ep = layer or backend
+        assert ep is not None
+        out[name] = Plugin(
+            name,
+            layer.value if layer else None,
+            backend.value if backend else None,
+            ep.dist.name if ep.dist else None,
+        )
+    return out
+
+
+# -- ophyd ---------------------------------------------------------------------
+def import_ophyd() -> types.ModuleType:
+    """Import ophyd even when OPHYD_CONTROL_LAYER names a plugin ophyd itself would reject."""
+    if "ophyd" in sys.modules:
+        return sys.modules["ophyd"]
+    wanted = os.environ.get("OPHYD_CONTROL_LAYER")
+    if wanted is None or wanted.lower() in OPHYD_BUILTIN_LAYERS:
+        return importlib.import_module("ophyd")
+    # ophyd's import-time set_cl() would raise on a plugin name: let it pick
+    # its placeholder layer, then put the variable back for whoever reads it next.
+    os.environ["OPHYD_CONTROL_LAYER"] = "dummy"
+    try:
+        return importlib.import_module("ophyd")
+    finally:
+        os.environ["OPHYD_CONTROL_LAYER"] = wanted
+
+
+def _install_control_layer(name: str, layer: Any) -> None:
+    missing = [attr for attr in CONTROL_LAYER_EXPORTS if not hasattr(layer, attr)]
+    if missing:
+        raise PluginError(
+            f"control layer {name!r} ({layer!r}) lacks what ophyd needs: {', '.join(missing)}"
+        )
+    ophyd = import_ophyd()
+    layer.setup(ophyd.logger)
+    ophyd.cl = types.SimpleNamespace(**{k: getattr(layer, k) for k in CONTROL_LAYER_EXPORTS})
+    logger.info("ophyd control layer is now %s", name)
+
+
+# -- ophyd-async -----------------------------------------------------------------
+_async_overrides: dict[str, type] = {}
+_original_backend_type: Callable[..., type] | None = None
+# ophyd-async imports get_signal_backend_type by name into these modules.
+_ASYNC_PATCH_SITES = ("ophyd_async.epics.core._signal", "ophyd_async.epics.core._epics_connector")
+
+
+def _routed_backend_type(protocol: Any) -> type:
+    override = _async_overrides.get(getattr(protocol, "value", protocol))
+    if override is not None:
+        return override
+    assert _original_backend_type is not None
+    return _original_backend_type(protocol)
+
+
+def _install_async_backend(name: str, backend: Any) -> None:
+    global _original_backend_type
+    from ophyd_async.epics.core import EpicsSignalBackend
+
+    protocol = getattr(backend, "protocol", None)
+    if not (isinstance(backend, type) and issubclass(backend, EpicsSignalBackend)):
+        raise PluginError(f"ophyd-async backend {name!r} must be an EpicsSignalBackend subclass")
+    if protocol not in ("ca", "pva"):
+        raise PluginError(f"ophyd-async backend {name!r} must declare protocol 'ca' or 'pva'")
+    modules = [importlib.import_module(m) for m in _ASYNC_PATCH_SITES]
+    if _original_backend_type is None:
+        _original_backend_type = modules[0].get_signal_backend_type
+    for module in modules:
+        module.get_signal_backend_type = _routed_backend_type
+    _async_overrides[protocol] = backend
+    logger.info("ophyd-async %s:// signals now use %s", protocol, name)
+
+
+def use(name: str, *, ophyd: bool = True, ophyd_async: bool = True) -> Plugin:
+    """Install a registered plugin as ophyd's control layer and/or ophyd-async's backend.
+
+    Devices built afterwards use it; devices that already exist keep what they have.
+    """
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"plugin name must be a non-empty string, got {name!r}")
+    plugins = available()
+    plugin = plugins.get(name)
+    if plugin is None:
+        raise PluginError(
+            f"no beampipe plugin named {name!r} is installed; installed: {sorted(plugins) or 'none'}"
+        )
+    if ophyd and plugin.control_layer:
+        _install_control_layer(name, _group(CONTROL_LAYER_GROUP)[name].load())
+    if ophyd_async and plugin.async_backend:
+        _install_async_backend(name, _group(ASYNC_BACKEND_GROUP)[name].load())
+    return plugin
+
+
+def reset() -> None:
+    """Give ophyd-async its own backends back and ophyd the layer its environment names."""
+    if _original_backend_type is not None:
+        for module_name in _ASYNC_PATCH_SITES:
+            module = sys.modules.get(module_name)
+            if module is not None:
+                module.get_signal_backend_type = _original_backend_type
+    _async_overrides.clear()
+    if "ophyd" in sys.modules:
+        wanted = os.environ.get("OPHYD_CONTROL_LAYER", "any")
+        if wanted.lower() in OPHYD_BUILTIN_LAYERS:
+            sys.modules["ophyd"].set_cl(wanted.lower())
+        else:
+            use(wanted, ophyd_async=False)
