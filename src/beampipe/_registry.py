@@ -129,7 +129,7 @@ def _routed_backend_type(protocol: Any) -> type:
 
 def _install_async_backend(name: str, backend: Any) -> None:
     global _original_backend_type
-    from ophyd_async.epics.core import EpicsSignalBackend
+    from ophyd_async.epics.core._util import EpicsSignalBackend
 
     protocol = getattr(backend, "protocol", None)
     if not (isinstance(backend, type) and issubclass(backend, EpicsSignalBackend)):

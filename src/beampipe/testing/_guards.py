@@ -38,11 +38,14 @@ def new_threads(
     before: set[threading.Thread], allowed: Iterable[str] = (), grace: float = 1.0
 ) -> list[threading.Thread]:
     """Threads started since ``before`` that are still alive after ``grace`` seconds."""
-    allowed = tuple(allowed)
+    exact = {a for a in allowed if not a.endswith("*")}
+    prefixes = tuple(a[:-1] for a in allowed if a.endswith("*"))
     deadline = time.monotonic() + grace
     while True:
         leaked = [
-            t for t in _live_threads() - before if not any(t.name.startswith(a) for a in allowed)
+            t
+            for t in _live_threads() - before
+            if t.name not in exact and not (prefixes and t.name.startswith(prefixes))
         ]
         if not leaked or time.monotonic() >= deadline:
             return leaked

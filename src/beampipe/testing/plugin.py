@@ -24,7 +24,7 @@ IocFactory = Callable[..., Ioc]
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "beampipe_allowed_threads",
-        "name prefixes of threads a test may leave running (process-wide helpers)",
+        "names of threads a test may leave running (process-wide helpers); a trailing * matches a prefix",
         type="linelist",
         default=[],
     )
@@ -34,6 +34,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # Before any test imports pyepics/aioca/p4p: their contexts read the environment once.
     if os.environ.get("BEAMPIPE_PIN_LOOPBACK", "1") != "0":
         pin_epics_to_loopback()
+    # One libca per process (ophyd-async #291): make pyepics load epicscorelibs' libca,
+    # the one aioca uses, before any test imports epics.
+    try:
+        import epicscorelibs.path.pyepics  # noqa: F401
+    except ImportError:
+        pass
     config.addinivalue_line(
         "markers", "broker: needs RabbitMQ on 127.0.0.1:5672 (skips without it, fails under CI)"
     )

@@ -1,0 +1,203 @@
+"""workflows' PikaTransport with the traps of workflows 3.3 on RabbitMQ closed.
+
+Seen here with workflows 3.3 and Debian's RabbitMQ 3.10:
+
+* a message published without headers raised TypeError inside the pika
+  thread (``dict(None)``) and killed the connection, so one bad message took
+  every consumer of the queue down in turn;
+* ``send`` published with ``mandatory=True`` but without publisher confirms,
+  so a send to an undeclared queue was returned by the broker and dropped;
+* ``send(delay=...)`` publishes to an exchange named ``delayed`` that only
+  exists with the delayed-message plugin: the channel error killed the thread.
+
+``GuardedPikaTransport`` (entry point ``workflows.transport``) fixes those
+without changing anything else: ``zocalo.service -s X -t GuardedPikaTransport``
+takes the same ``--rabbit-*`` options.  It relies on workflows 3.3 internals,
+hence the ``<3.4`` pin.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions
+import workflows
+import workflows.transport.pika_transport as _pt
+from workflows.transport.pika_transport import PikaTransport
+
+from ._wire import go_headers
+from ._queues import DEFAULT_DELIVERY_LIMIT, BrokerParams, ensure_queue, queue_exists
+
+__all__ = ["NO_HEADERS", "GuardedPikaTransport", "PublishRefused"]
+
+log = logging.getLogger("beampipe_zocalo.transport")
+T = TypeVar("T")
+
+#: Header a GuardedPikaTransport adds when the publisher sent none, so a
+#: service can dead-letter the message instead of the transport dying of it.
+NO_HEADERS = "beampipe.no-headers"
+
+
+class PublishRefused(workflows.Disconnected):
+    """The broker did not take a message (no queue bound, or a negative confirm)."""
+
+
+class _GuardedPikaThread(_pt._PikaThread):
+    def _get_shared_channel(self) -> Any:
+        if not self._pika_shared_channel:
+            assert self._connection is not None
+            channel = self._connection.channel()
+            channel.confirm_delivery()
+            self._pika_shared_channel = channel
+        return self._pika_shared_channel
+
+    def send(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: str | bytes,
+        properties: Any = None,
+        mandatory: bool = True,
+        transaction_id: int | None = None,
+    ) -> Future[None]:
+        if not self._connection:
+            raise RuntimeError("Cannot send on unstarted connection")
+        future: Future[None] = Future()
+
+        def _send() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                if transaction_id:
+                    channel = self._transaction_on_channel.inverse[transaction_id]
+                    self._channel_has_active_tx[channel] = True
+                else:
+                    channel = self._get_shared_channel()
+                channel.basic_publish(
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    body=body,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
+                future.set_result(None)
+            except pika.exceptions.UnroutableError:
+                # Not a connection problem: report it, keep the thread alive.
+                future.set_exception(
+                    PublishRefused(f"no queue {routing_key!r} on exchange {exchange!r}: not sent")
+                )
+            except pika.exceptions.NackError:
+                future.set_exception(PublishRefused(f"broker refused message for {routing_key!r}"))
+            except BaseException as e:
+                future.set_exception(e)
+                raise
+
+        self._register_future_and_callback(future, _send)
+        return future
+
+    def call(self, fn: Callable[[pika.BlockingConnection], T]) -> Future[T]:
+        """Run ``fn(connection)`` on the pika thread; its errors go to the future only."""
+        if not self._connection:
+            raise RuntimeError("transport is not connected")
+        future: Future[T] = Future()
+
+        def _call() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self._connection))  # type: ignore[arg-type]
+                except BaseException as e:
+                    future.set_exception(e)
+
+        self._register_future_and_callback(future, _call)  # type: ignore[arg-type]
+        return future
+
+
+class GuardedPikaTransport(PikaTransport):
+    """PikaTransport with confirmed sends, header-less messages survived, queue checks."""
+
+    def __init__(self, *args: Any, broker: BrokerParams | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._broker = broker
+        self._delayed_ok: bool | None = None
+
+    @classmethod
+    def add_command_line_options(cls, parser: Any) -> None:
+        # PikaTransport registers --rabbit-*; its class-level config is ours too.
+        return None
+
+    def _generate_connection_parameters(self) -> list[pika.ConnectionParameters]:
+        if self._broker is not None:
+            return [self._broker.pika()]
+        return super()._generate_connection_parameters()
+
+    def connect(self) -> bool:
+        with self._lock:
+            if not hasattr(self, "_pika_thread"):
+                self._pika_thread = _GuardedPikaThread(self._generate_connection_parameters())
+        return super().connect()
+
+    def _call_message_callback(
+        self, subscription_id: int, _channel: Any, method: Any, properties: Any, body: bytes
+    ) -> None:
+        if properties.headers is None:
+            properties.headers = {NO_HEADERS: True}
+        super()._call_message_callback(subscription_id, _channel, method, properties, body)
+
+    def _thread(self) -> _GuardedPikaThread:
+        thread = getattr(self, "_pika_thread", None)
+        if not isinstance(thread, _GuardedPikaThread):
+            raise workflows.Disconnected("GuardedPikaTransport used before connect()")
+        return thread
+
+    def ensure_queue(
+        self,
+        name: str,
+        *,
+        create: bool = True,
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+        reply_queue_ttl: float | None = None,
+        timeout: float = 10.0,
+    ) -> bool:
+        """Declare ``name`` (quorum, bounded deliveries, ``dlq.<name>``) unless it exists."""
+        return self._thread().call(
+            lambda c: ensure_queue(
+                c, name, create=create, delivery_limit=delivery_limit,
+                reply_queue_ttl=reply_queue_ttl,
+            )
+        ).result(timeout)
+
+    def queue_exists(self, name: str, timeout: float = 10.0) -> bool:
+        return self._thread().call(lambda c: queue_exists(c, name)).result(timeout)
+
+    def _exchange_exists(self, name: str) -> bool:
+        def check(conn: pika.BlockingConnection) -> bool:
+            ch = conn.channel()
+            try:
+                ch.exchange_declare(name, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:
+                    return False
+                raise
+            ch.close()
+            return True
+
+        return self._thread().call(check).result(10)
+
+    def _send(self, destination: Any, message: Any, headers: Any = None, delay: Any = None,
+              **kwargs: Any) -> None:
+        if not headers:
+            # Stock workflows 3.3 consumers die on a header-less message: never send one.
+            headers = go_headers()
+        if delay:
+            if self._delayed_ok is None:
+                self._delayed_ok = self._exchange_exists("delayed")
+            if not self._delayed_ok:
+                raise workflows.Error(
+                    f"send to {destination!r} with delay={delay}: the broker has no 'delayed' "
+                    "exchange (rabbitmq_delayed_message_exchange plugin); the message would be lost"
+                )
+        super()._send(destination, message, headers=headers, delay=delay, **kwargs)

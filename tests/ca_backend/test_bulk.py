@@ -1,0 +1,187 @@
+"""Bulk and single reads over libca against a real softIoc."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import beampipe_ca
+from beampipe_ca import CaTimeoutError, Reading
+from beampipe_ca._libca import context
+
+from .conftest import BANK_SIZE
+
+
+def test_bulk_get_scalars_of_every_type(ioc):
+    names = [ioc.pv(s) for s in ("ao", "long", "enum", "bool", "str")]
+    got = beampipe_ca.bulk_get(names, timeout=10)
+    assert got == {
+        ioc.pv("ao"): 1.5,
+        ioc.pv("long"): 42,
+        ioc.pv("enum"): 1,
+        ioc.pv("bool"): 1,
+        ioc.pv("str"): "hello",
+    }
+    assert isinstance(got[ioc.pv("long")], int)
+
+
+def test_bulk_get_waveforms_are_numpy_copies(ioc):
+    from epics import caput
+
+    data = np.linspace(0, 1, 1000)
+    caput(ioc.pv("wf_double"), data, wait=True)
+    caput(ioc.pv("wf_short"), [1, -2, 3], wait=True)
+    caput(ioc.pv("wf_string"), ["a", "bc"], wait=True)
+    got = beampipe_ca.bulk_get(
+        [ioc.pv("wf_double"), ioc.pv("wf_short"), ioc.pv("wf_string")], timeout=10
+    )
+    wf = got[ioc.pv("wf_double")]
+    assert isinstance(wf, np.ndarray)
+    assert wf.dtype == np.float64
+    np.testing.assert_array_equal(wf, data)
+    assert wf.flags.writeable and wf.flags.owndata  # a copy, not a view of libca's buffer
+    short = got[ioc.pv("wf_short")]
+    assert short.dtype == np.int16
+    np.testing.assert_array_equal(short, [1, -2, 3])  # only NORD elements
+    assert got[ioc.pv("wf_string")] == ["a", "bc"]
+
+
+def test_bulk_read_has_alarm_time_and_ctrl(ioc):
+    name = ioc.pv("ao")
+    before = time.time()
+    from epics import caput
+
+    caput(name, 85.0, wait=True)  # above HIGH: MINOR alarm
+    try:
+        r = beampipe_ca.bulk_read([name], timeout=10, ctrl=True)[name]
+        assert isinstance(r, Reading)
+        assert r.value == 85.0
+        assert r.severity == 1
+        assert before - 1 <= r.timestamp <= time.time() + 1
+        assert r.ctrl is not None
+        assert r.ctrl["units"] == "mm"
+        assert r.ctrl["precision"] == 3
+        assert r.ctrl["upper_ctrl_limit"] == 100
+        assert r.ctrl["upper_disp_limit"] == 50
+        assert r.ctrl["upper_alarm_limit"] == 90
+    finally:
+        caput(name, 1.5, wait=True)
+    enum = beampipe_ca.bulk_read([ioc.pv("enum")], timeout=10, ctrl=True)[ioc.pv("enum")]
+    assert enum is not None and enum.ctrl is not None
+    assert enum.ctrl["enums"] == ("Low", "Medium", "High")
+
+
+def test_reads_are_fresh_not_cached(ioc):
+    name = ioc.pv("counter")
+    first = beampipe_ca.caget(name, timeout=10)
+    time.sleep(0.35)
+    second = beampipe_ca.caget(name, timeout=10)
+    assert second.value >= first.value + 2
+    assert second.timestamp > first.timestamp
+
+
+def test_failed_pv_is_none_with_reason_never_a_failed_batch(ioc, caplog):
+    missing = ioc.pv("does_not_exist")
+    with caplog.at_level(logging.WARNING, logger="beampipe_ca"):
+        got = beampipe_ca.bulk_get([ioc.pv("long"), missing], timeout=1.0)
+    assert got == {ioc.pv("long"): 42, missing: None}
+    assert f"{missing}: not connected within 1 s" in caplog.text
+
+
+def test_single_get_of_unknown_pv_names_it(ioc):
+    missing = ioc.pv("nope")
+    t0 = time.monotonic()
+    with pytest.raises(CaTimeoutError, match=f"{missing}: not connected within 0.5 s"):
+        beampipe_ca.caget(missing, timeout=0.5)
+    assert time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize(
+    ("args", "exc"),
+    [
+        (("PV:A",), TypeError),  # one string, not a list
+        ((["ok", ""],), ValueError),
+        ((["ok", 3],), ValueError),
+        ((["ok"], 0), ValueError),
+        ((["ok"], -1.0), ValueError),
+        ((["ok"], True), ValueError),
+    ],
+)
+def test_input_is_validated(args, exc):
+    with pytest.raises(exc):
+        beampipe_ca.bulk_get(*args)
+
+
+def test_bulk_get_of_a_bank_is_one_batch(bank_ioc):
+    names = [bank_ioc.pv(f"s{i}") for i in range(BANK_SIZE)]
+    assert beampipe_ca.connect(names, timeout=20) == []
+    reads = context().reads
+    before = reads.batches_issued
+    got = beampipe_ca.bulk_get(names, timeout=10)
+    assert reads.batches_issued == before + 1
+    assert got == {n: float(i) for i, n in enumerate(names)}
+
+
+def test_concurrent_threads_coalesce(bank_ioc):
+    names = [bank_ioc.pv(f"s{i}") for i in range(BANK_SIZE)]
+    assert beampipe_ca.connect(names, timeout=20) == []
+    reads = context().reads
+    results: dict[str, float] = {}
+    barrier = threading.Barrier(8)
+
+    def worker(chunk: list[str]) -> None:
+        barrier.wait()
+        for name in chunk:
+            results[name] = beampipe_ca.caget(name, timeout=10).value
+
+    before = reads.batches_issued
+    threads = [threading.Thread(target=worker, args=(names[k::8],)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {n: float(i) for i, n in enumerate(names)}
+    # 200 single reads from 8 threads: fewer wire batches than reads.
+    assert reads.batches_issued - before < BANK_SIZE
+
+
+async def test_gather_of_single_async_reads_is_one_batch(bank_ioc):
+    names = [bank_ioc.pv(f"s{i}") for i in range(BANK_SIZE)]
+    assert await beampipe_ca.connect_async(names, timeout=20) == []
+    reads = context().reads
+    before = reads.batches_issued
+    got = await asyncio.gather(*(beampipe_ca.caget_async(n, timeout=10) for n in names))
+    assert [r.value for r in got] == [float(i) for i in range(BANK_SIZE)]
+    assert reads.batches_issued == before + 1
+
+
+async def test_bulk_get_async(ioc):
+    got = await beampipe_ca.bulk_get_async([ioc.pv("long"), ioc.pv("str")], timeout=10)
+    assert got == {ioc.pv("long"): 42, ioc.pv("str"): "hello"}
+    readings = await beampipe_ca.bulk_read_async([ioc.pv("ao")], timeout=10, ctrl=True)
+    r = readings[ioc.pv("ao")]
+    assert r is not None and r.ctrl is not None and r.ctrl["units"] == "mm"
+
+
+async def test_async_unknown_pv_is_none(ioc, caplog):
+    missing = ioc.pv("missing_async")
+    with caplog.at_level(logging.WARNING, logger="beampipe_ca"):
+        got = await beampipe_ca.bulk_get_async([missing, ioc.pv("long")], timeout=0.5)
+    assert got == {missing: None, ioc.pv("long"): 42}
+    assert missing in caplog.text
+    with pytest.raises(CaTimeoutError, match=missing):
+        await beampipe_ca.caget_async(missing, timeout=0.3)
+
+
+def test_one_libca_and_one_context_shared_with_pyepics():
+    import epics.ca
+    from epicscorelibs import path
+
+    ctx = context()
+    assert epics.ca.libca._name == path.get_lib("ca")
+    assert ctx.ctx == epics.ca.initial_context

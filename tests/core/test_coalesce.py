@@ -1,0 +1,143 @@
+"""The Coalescer with an in-memory BatchIO: real threads and a real event loop, no EPICS."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+
+from beampipe import Batch, Coalescer, Failed, Ok, Outcome
+
+
+class FakeServer:
+    """Answers each batch after ``latency`` seconds on its own timer thread, like a CA reply."""
+
+    def __init__(self, latency: float = 0.02, missing: frozenset[str] = frozenset()) -> None:
+        self.latency = latency
+        self.missing = missing
+        self.batches: list[tuple[str, ...]] = []
+        self.issue_threads: list[str] = []
+        self.hang = False
+        self._timers: list[threading.Timer] = []
+
+    def issue(self, batch: Batch[str], complete: Callable[[Mapping[Any, Outcome[str]]], None]) -> None:
+        self.batches.append(batch.keys)
+        self.issue_threads.append(threading.current_thread().name)
+        if self.hang:
+            return
+        results = {k: Ok(f"{k}!") for k in batch.keys if k not in self.missing}
+        timer = threading.Timer(self.latency, complete, args=(results,))
+        self._timers.append(timer)
+        timer.start()
+
+    def join(self) -> None:
+        for t in self._timers:
+            t.join()
+
+
+@pytest.fixture
+def server() -> Any:
+    srv = FakeServer()
+    yield srv
+    srv.join()
+
+
+def test_lone_sync_read_is_issued_on_the_callers_thread(server: FakeServer) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    assert c.get("read", "A", timeout=1) == Ok("A!")
+    assert server.batches == [("A",)]
+    assert server.issue_threads == [threading.current_thread().name]
+
+
+def test_concurrent_threads_coalesce(server: FakeServer) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    results: dict[str, Outcome[str]] = {}
+    start = threading.Barrier(20)
+
+    def worker(i: int) -> None:
+        start.wait()
+        results[f"PV{i}"] = c.get("read", f"PV{i}", timeout=2)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {f"PV{i}": Ok(f"PV{i}!") for i in range(20)}
+    # The first arrival goes alone; the rest pile up behind it and leave together.
+    assert len(server.batches) < 20
+    assert sorted(k for b in server.batches for k in b) == sorted(results)
+
+
+def test_get_many_is_one_batch_and_failures_stay_per_key() -> None:
+    srv = FakeServer(missing=frozenset({"BAD"}))
+    c: Coalescer[str, str] = Coalescer(srv)
+    out = c.get_many("read", ["A", "BAD", "B", "A"], timeout=1)
+    srv.join()
+    assert srv.batches == [("A", "BAD", "B")]
+    assert out["A"] == Ok("A!")
+    assert out["B"] == Ok("B!")
+    assert isinstance(out["BAD"], Failed)
+    assert "BAD" in out["BAD"].reason
+
+
+async def test_gather_in_one_loop_turn_is_one_batch(server: FakeServer) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    keys = [f"S{i}" for i in range(200)]
+    results = await asyncio.gather(*(c.get_async("read", k, timeout=2) for k in keys))
+    assert results == [Ok(f"{k}!") for k in keys]
+    assert server.batches == [tuple(keys)]
+
+
+async def test_lone_await_is_not_held_back(server: FakeServer) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    t0 = time.perf_counter()
+    assert await c.get_async("read", "A", timeout=2) == Ok("A!")
+    # One server latency (20 ms) and a loop turn; no waiting for company.
+    assert time.perf_counter() - t0 < server.latency + 0.5
+    assert server.batches == [("A",)]
+
+
+def test_timeout_fails_only_the_late_request_and_frees_the_route(server: FakeServer) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    server.hang = True
+    out = c.get("read", "A", timeout=0.05)
+    assert out == Failed("A: timed out")
+    server.hang = False
+    assert c.get("read", "B", timeout=1) == Ok("B!"), "a hung batch must not block the route"
+
+
+async def test_async_timeout_and_cancellation(server: FakeServer) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    server.hang = True
+    assert await c.get_async("read", "A", timeout=0.05) == Failed("A: timed out")
+    task = asyncio.create_task(c.get_async("read", "B", timeout=5))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    server.hang = False
+    assert await c.get_async("read", "C", timeout=1) == Ok("C!")
+
+
+def test_an_io_layer_that_raises_fails_its_batch_not_the_caller() -> None:
+    class Broken:
+        def issue(self, batch: Batch[str], complete: Callable[..., None]) -> None:
+            raise OSError("no CA context")
+
+    c: Coalescer[str, str] = Coalescer(Broken(), name="beampipe-test")
+    out = c.get("read", "A", timeout=1)
+    assert isinstance(out, Failed)
+    assert "A" in out.reason
+    assert "no CA context" in out.reason
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "1"])
+def test_bad_timeout_is_refused(server: FakeServer, timeout: Any) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    with pytest.raises(ValueError, match="timeout"):
+        c.get("read", "A", timeout=timeout)
