@@ -42,7 +42,9 @@ def _run(*cmd: str | Path, check: bool = True, **kw: object) -> int:
 
 
 def _plugin_dirs() -> list[Path]:
-    return [ROOT / "plugins" / p for p in PLUGINS if (ROOT / "plugins" / p / "pyproject.toml").exists()]
+    return [
+        ROOT / "plugins" / p for p in PLUGINS if (ROOT / "plugins" / p / "pyproject.toml").exists()
+    ]
 
 
 def setup() -> None:

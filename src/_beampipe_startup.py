@@ -47,7 +47,9 @@ class _OphydFinder(MetaPathFinder):
     def __init__(self, layer: str) -> None:
         self.layer = layer
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> ModuleSpec | None:
         if fullname != "ophyd":
             return None
         sys.meta_path.remove(self)  # once only

@@ -12,6 +12,7 @@ import inspect
 from typing import Any, ClassVar, TypeVar
 
 from ophyd_async.core import NotConnectedError, SignalBackend, SignalDatatype
+
 # Not re-exported by ophyd_async.epics.core in 0.21; the conformance test guards its location.
 from ophyd_async.epics.core._util import EpicsSignalBackend
 

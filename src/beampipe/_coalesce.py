@@ -26,15 +26,12 @@ __all__ = ["BatchIO", "Coalescer"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
 
 
-class BatchIO(Protocol[K_contra, V]):
+class BatchIO(Protocol[K, V]):
     """What a plugin implements so the engine can put batches on the wire."""
 
-    def issue(
-        self, batch: Batch[K_contra], complete: Callable[[Mapping[Any, Outcome[V]]], None]
-    ) -> None:
+    def issue(self, batch: Batch[K], complete: Callable[[Mapping[Any, Outcome[V]]], None]) -> None:
         """Start the batch; call ``complete`` exactly once, from any thread, with its results."""
         ...
 
@@ -110,7 +107,9 @@ class Coalescer(Generic[K, V]):
         return out
 
     # -- async front end -------------------------------------------------------
-    async def get_async(self, op: str, key: K, timeout: float, route: Hashable = None) -> Outcome[V]:
+    async def get_async(
+        self, op: str, key: K, timeout: float, route: Hashable = None
+    ) -> Outcome[V]:
         """Await one key's outcome; concurrent awaits in one loop turn share a batch."""
         _check_timeout(timeout)
         loop = asyncio.get_running_loop()
@@ -210,4 +209,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 def _check_timeout(timeout: float) -> None:
     if not (isinstance(timeout, int | float) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-

@@ -108,7 +108,8 @@ def _install_control_layer(name: str, layer: Any) -> None:
         )
     ophyd = import_ophyd()
     layer.setup(ophyd.logger)
-    ophyd.cl = types.SimpleNamespace(**{k: getattr(layer, k) for k in CONTROL_LAYER_EXPORTS})
+    namespace = types.SimpleNamespace(**{k: getattr(layer, k) for k in CONTROL_LAYER_EXPORTS})
+    ophyd.cl = namespace  # type: ignore[attr-defined]  # as ophyd.set_cl assigns it
     logger.info("ophyd control layer is now %s", name)
 
 
@@ -138,9 +139,9 @@ def _install_async_backend(name: str, backend: Any) -> None:
         raise PluginError(f"ophyd-async backend {name!r} must declare protocol 'ca' or 'pva'")
     modules = [importlib.import_module(m) for m in _ASYNC_PATCH_SITES]
     if _original_backend_type is None:
-        _original_backend_type = modules[0].get_signal_backend_type
+        _original_backend_type = getattr(modules[0], "get_signal_backend_type")  # noqa: B009
     for module in modules:
-        module.get_signal_backend_type = _routed_backend_type
+        setattr(module, "get_signal_backend_type", _routed_backend_type)  # noqa: B010
     _async_overrides[protocol] = backend
     logger.info("ophyd-async %s:// signals now use %s", protocol, name)
 
@@ -156,7 +157,8 @@ def use(name: str, *, ophyd: bool = True, ophyd_async: bool = True) -> Plugin:
     plugin = plugins.get(name)
     if plugin is None:
         raise PluginError(
-            f"no beampipe plugin named {name!r} is installed; installed: {sorted(plugins) or 'none'}"
+            f"no beampipe plugin named {name!r} is installed; "
+            f"installed: {sorted(plugins) or 'none'}"
         )
     if ophyd and plugin.control_layer:
         _install_control_layer(name, _group(CONTROL_LAYER_GROUP)[name].load())
@@ -171,7 +173,7 @@ def reset() -> None:
         for module_name in _ASYNC_PATCH_SITES:
             module = sys.modules.get(module_name)
             if module is not None:
-                module.get_signal_backend_type = _original_backend_type
+                setattr(module, "get_signal_backend_type", _original_backend_type)  # noqa: B010
     _async_overrides.clear()
     if "ophyd" in sys.modules:
         wanted = os.environ.get("OPHYD_CONTROL_LAYER", "any")

@@ -24,7 +24,9 @@ class FakeServer:
         self.hang = False
         self._timers: list[threading.Timer] = []
 
-    def issue(self, batch: Batch[str], complete: Callable[[Mapping[Any, Outcome[str]]], None]) -> None:
+    def issue(
+        self, batch: Batch[str], complete: Callable[[Mapping[Any, Outcome[str]]], None]
+    ) -> None:
         self.batches.append(batch.keys)
         self.issue_threads.append(threading.current_thread().name)
         if self.hang:

@@ -30,7 +30,9 @@ def test_signal_backend_abc_is_the_one_we_were_written_against() -> None:
     importlib.metadata.entry_points(group=beampipe.ASYNC_BACKEND_GROUP),
     ids=lambda ep: ep.name,
 )
-def test_every_installed_backend_implements_the_whole_abc(ep: importlib.metadata.EntryPoint) -> None:
+def test_every_installed_backend_implements_the_whole_abc(
+    ep: importlib.metadata.EntryPoint,
+) -> None:
     backend = ep.load()
     assert beampipe.missing_backend_methods(backend) == []
     assert backend.protocol in ("ca", "pva")

@@ -64,7 +64,7 @@ def test_bad_database_fails_with_the_iocs_own_words(tmp_path: Path) -> None:
     bad = tmp_path / "bad.db"
     bad.write_text('record(nosuchtype, "$(P)x") {}\n')
     ioc = Ioc(bad)
-    with pytest.raises(IocError, match="nosuchtype|exited"):
+    with pytest.raises(IocError, match=r"nosuchtype|exited"):
         ioc.start()
     ioc.close()
 
@@ -93,7 +93,7 @@ def test_missing_broker_skips_locally_and_fails_under_ci(
     result.stdout.fnmatch_lines([f"*no RabbitMQ on 127.0.0.1:{closed}*"])
 
 
-LEAKY = '''
+LEAKY = """
 import asyncio, threading, time
 from multiprocessing import shared_memory
 
@@ -111,7 +111,7 @@ import pytest
 @pytest.mark.allow_leaks("threads")
 def test_allowed_thread():
     threading.Thread(target=time.sleep, args=(2,), name="allowed", daemon=True).start()
-'''
+"""
 
 
 def test_leak_guards_fail_the_leaking_test_by_name(pytester: pytest.Pytester) -> None:

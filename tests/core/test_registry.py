@@ -23,7 +23,7 @@ class FakeDevice(EpicsDevice):
 
 
 def make_dist(where: Path, name: str, entry_points: dict[str, dict[str, str]]) -> None:
-    """Write a minimal installed distribution (dist-info) so importlib.metadata finds its entry points."""
+    """Write a minimal dist-info so importlib.metadata finds its entry points."""
     info = where / f"{name.replace('-', '_')}-0.0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n")
@@ -96,13 +96,15 @@ def test_epics_device_uses_the_installed_backend(fake_plugin: Path) -> None:
 def test_unknown_and_ill_formed_plugins_fail_clearly(fake_plugin: Path) -> None:
     with pytest.raises(beampipe.PluginError, match="no beampipe plugin named 'nope'"):
         beampipe.use("nope")
-    with pytest.raises(beampipe.PluginError, match="bp-broken.*EpicsSignalBackend"):
+    with pytest.raises(beampipe.PluginError, match=r"bp-broken.*EpicsSignalBackend"):
         beampipe.use("bp-broken")
     with pytest.raises(beampipe.PluginError, match="non-empty"):
         beampipe.use("")
 
 
-def _python(code: str, env_extra: dict[str, str], fake_root: Path) -> subprocess.CompletedProcess[str]:
+def _python(
+    code: str, env_extra: dict[str, str], fake_root: Path
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OPHYD_CONTROL_LAYER", "PYTHONPATH")}
     env["PYTHONPATH"] = os.pathsep.join([str(fake_root), str(FAKE)])
     env.update(env_extra)
@@ -112,7 +114,9 @@ def _python(code: str, env_extra: dict[str, str], fake_root: Path) -> subprocess
 
 
 def test_startup_hook_lets_plain_import_ophyd_use_a_plugin(fake_plugin: Path) -> None:
-    out = _python("import ophyd; print(ophyd.cl.name)", {"OPHYD_CONTROL_LAYER": "bp-fake"}, fake_plugin)
+    out = _python(
+        "import ophyd; print(ophyd.cl.name)", {"OPHYD_CONTROL_LAYER": "bp-fake"}, fake_plugin
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "bp-fake"
 

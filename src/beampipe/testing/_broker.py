@@ -72,6 +72,7 @@ def find_broker() -> Broker:
     )
     if not broker.reachable():
         raise BrokerUnavailable(
-            f"no RabbitMQ on {broker.host}:{broker.port} (start it with `rabbitmq-server -detached`)"
+            f"no RabbitMQ on {broker.host}:{broker.port} "
+            "(start it with `rabbitmq-server -detached`)"
         )
     return broker

@@ -26,7 +26,9 @@ def _live_threads() -> set[threading.Thread]:
     # _DummyThread stands for a foreign (libca/pvxs) thread that called into
     # Python; those belong to the C library's context, which lives for the process.
     return {
-        t for t in threading.enumerate() if t.is_alive() and not isinstance(t, threading._DummyThread)
+        t
+        for t in threading.enumerate()
+        if t.is_alive() and not isinstance(t, threading._DummyThread)
     }
 
 

@@ -8,6 +8,7 @@ parallel test runs, never see each other's PVs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -46,7 +47,9 @@ _slots_base: int | None = None
 _slots_used: set[int] = set()
 
 
-def pin_epics_to_loopback(environ: dict[str, str] | None = None, *, private_ports: bool = True) -> None:
+def pin_epics_to_loopback(
+    environ: dict[str, str] | None = None, *, private_ports: bool = True
+) -> None:
     """Point every EPICS client and server in this process (and its children) at loopback.
 
     With ``private_ports`` this process also gets its own block of CA ports and
@@ -174,7 +177,8 @@ class Ioc:
             time.sleep(0.02)
         self.stop()
         raise IocError(
-            f"IOC {self.prefix} not ready after {self.startup_timeout}s:\n{self._log_since(offset)[-2000:]}"
+            f"IOC {self.prefix} not ready after {self.startup_timeout}s:\n"
+            + self._log_since(offset)[-2000:]
         )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -183,10 +187,8 @@ class Ioc:
         if proc is None:
             return
         if proc.stdin is not None:
-            try:
+            with contextlib.suppress(OSError):
                 proc.stdin.close()
-            except OSError:
-                pass
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

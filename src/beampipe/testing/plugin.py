@@ -6,6 +6,7 @@ Registered through the ``pytest11`` entry point, so any project that installs
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import Callable, Iterator
@@ -24,7 +25,8 @@ IocFactory = Callable[..., Ioc]
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "beampipe_allowed_threads",
-        "names of threads a test may leave running (process-wide helpers); a trailing * matches a prefix",
+        "names of threads a test may leave running (process-wide helpers); "
+        "a trailing * matches a prefix",
         type="linelist",
         default=[],
     )
@@ -36,10 +38,8 @@ def pytest_configure(config: pytest.Config) -> None:
         pin_epics_to_loopback()
     # One libca per process (ophyd-async #291): make pyepics load epicscorelibs' libca,
     # the one aioca uses, before any test imports epics.
-    try:
+    with contextlib.suppress(ImportError):
         import epicscorelibs.path.pyepics  # noqa: F401
-    except ImportError:
-        pass
     config.addinivalue_line(
         "markers", "broker: needs RabbitMQ on 127.0.0.1:5672 (skips without it, fails under CI)"
     )
@@ -113,7 +113,7 @@ def session_ioc_factory() -> Iterator[IocFactory]:
 
 @pytest.fixture
 def rabbitmq() -> Broker:
-    """The real RabbitMQ on loopback with a private name namespace; skips (fails under CI) without it."""
+    """The real RabbitMQ on loopback, with private names; skips without it, fails under CI."""
     try:
         return find_broker()
     except BrokerUnavailable as exc:

@@ -1,4 +1,4 @@
-"""A control layer for the registry tests: ophyd's dummy layer under another name, counting calls."""
+"""A control layer for the registry tests: ophyd's dummy layer under another name."""
 
 from __future__ import annotations
 

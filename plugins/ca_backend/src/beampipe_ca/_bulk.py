@@ -124,10 +124,10 @@ def bulk_read(
     def read(wave: list[str]) -> None:
         left = deadline - time.monotonic()
         if wave and left > 0:
-            reads.update(ctx.reads.get_many("time", wave, left))
+            reads.update(ctx.read_now(wave, left, ctx.io.plans["time"]))
             left = deadline - time.monotonic()
             if ctrls is not None and left > 0:
-                ctrls.update(ctx.reads.get_many("ctrl", wave, left))
+                ctrls.update(ctx.read_now(wave, left, ctx.io.plans["ctrl"]))
 
     # Wave 1: what is connected already is read at once; wave 2: what connects in time,
     # with part of the timeout kept back so a late connection still gets its read.
@@ -159,11 +159,11 @@ async def bulk_read_async(
         if not wave or left <= 0:
             return
         if ctrls is None:
-            reads.update(await ctx.reads.get_many_async("time", wave, left))
+            reads.update(await ctx.read_now_async(wave, left, ctx.io.plans["time"]))
             return
         got, md = await asyncio.gather(
-            ctx.reads.get_many_async("time", wave, left),
-            ctx.reads.get_many_async("ctrl", wave, left),
+            ctx.read_now_async(wave, left, ctx.io.plans["time"]),
+            ctx.read_now_async(wave, left, ctx.io.plans["ctrl"]),
         )
         reads.update(got)
         ctrls.update(md)

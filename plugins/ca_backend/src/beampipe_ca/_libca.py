@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -197,6 +197,7 @@ class _GetBatch:
     results: dict[Any, Outcome[Any]]
     complete: Callable[[Mapping[Any, Outcome[Any]]], None]
     lock: threading.Lock
+    usrs: list[int] = field(default_factory=list)
 
 
 class _Context:
@@ -225,7 +226,8 @@ class _Context:
         self._decoders: dict[tuple[int, int, Hashable], tuple[int, Callable[..., Any]]] = {}
         self._conn_cb = _CONN_CB(self._on_connection)
         self._event_cb = _EVENT_CB(self._on_get)
-        self.reads: Coalescer[Any, Any] = Coalescer(_ReadIO(self), max_batch=4000, name="ca")
+        self.io = _ReadIO(self)
+        self.reads: Coalescer[Any, Any] = Coalescer(self.io, max_batch=4000, name="ca")
 
     # -- threads and the context -------------------------------------------------
     def attach(self) -> None:
@@ -363,12 +365,20 @@ class _Context:
         plan: Callable[[Channel, Any], tuple[int, int, Callable[..., Any]]],
     ) -> None:
         """Put one ``ca_array_get_callback`` per key on the wire, then flush once."""
+        self._issue(batch.keys, complete, plan)
+
+    def _issue(
+        self,
+        keys: tuple[Any, ...] | list[Any],
+        complete: Callable[[Mapping[Any, Outcome[Any]]], None],
+        plan: Callable[[Channel, Any], tuple[int, int, Callable[..., Any]]],
+    ) -> _GetBatch:
         self.attach()
-        state = _GetBatch(len(batch.keys), {}, complete, threading.Lock())
+        state = _GetBatch(len(keys), {}, complete, threading.Lock())
         failed: dict[Any, Outcome[Any]] = {}
         issued = 0
         lib, cb = self.lib, self._event_cb
-        for key in batch.keys:
+        for key in keys:
             name = key if isinstance(key, str) else key[0]
             chan = self._channels.get(name)
             if chan is None or not chan.connected.is_set():
@@ -383,6 +393,7 @@ class _Context:
                 usr = self._next_usr
                 self._next_usr += 1
                 self._gets[usr] = (state, key, decode)
+            state.usrs.append(usr)
             status = lib.ca_array_get_callback(dbrcode, count, chan.chid, cb, usr)
             if status != ECA_NORMAL:
                 with self._lock:
@@ -399,6 +410,61 @@ class _Context:
                 done = state.left == 0
             if done:
                 complete(state.results)
+        return state
+
+    def read_now(
+        self,
+        keys: list[Any],
+        timeout: float,
+        plan: Callable[[Channel, Any], tuple[int, int, Callable[..., Any]]],
+    ) -> dict[Any, Outcome[Any]]:
+        """Issue one batch for keys the caller already grouped, and wait for it.
+
+        An explicit bulk call is a batch already: it skips the Coalescer's
+        per-key futures, which would cost more than the wire time of the batch.
+        """
+        done = threading.Event()
+        state = self._issue(keys, lambda _r: done.set(), plan)
+        if not done.wait(timeout):
+            with self._lock:
+                for usr in state.usrs:
+                    self._gets.pop(usr, None)
+            with state.lock:
+                for key in keys:
+                    if key not in state.results:
+                        name = key if isinstance(key, str) else key[0]
+                        state.results[key] = Failed(f"{name}: timed out after {timeout:g} s")
+        with state.lock:
+            return dict(state.results)
+
+    async def read_now_async(
+        self,
+        keys: list[Any],
+        timeout: float,
+        plan: Callable[[Channel, Any], tuple[int, int, Callable[..., Any]]],
+    ) -> dict[Any, Outcome[Any]]:
+        """:meth:`read_now` for a coroutine: one future for the whole batch."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def complete(_results: Mapping[Any, Outcome[Any]]) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_set_none, fut)
+
+        state = self._issue(keys, complete, plan)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            with self._lock:
+                for usr in state.usrs:
+                    self._gets.pop(usr, None)
+            with state.lock:
+                for key in keys:
+                    if key not in state.results:
+                        name = key if isinstance(key, str) else key[0]
+                        state.results[key] = Failed(f"{name}: timed out after {timeout:g} s")
+        with state.lock:
+            return dict(state.results)
 
     def _on_get(self, args: _EventArgs) -> None:
         _pin_thread_state()
@@ -495,12 +561,12 @@ class _ReadIO:
 
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx
-        self._plans = {"time": self._plan_time, "ctrl": self._plan_ctrl, "aug": self._plan_aug}
+        self.plans = {"time": self._plan_time, "ctrl": self._plan_ctrl, "aug": self._plan_aug}
 
     def issue(
         self, batch: Batch[Any], complete: Callable[[Mapping[Any, Outcome[Any]]], None]
     ) -> None:
-        self.ctx.issue_gets(batch, complete, self._plans[batch.op])
+        self.ctx.issue_gets(batch, complete, self.plans[batch.op])
 
     def _cached(
         self, chan: Channel, what: Hashable, make: Callable[[], tuple[int, Callable[..., Any]]]

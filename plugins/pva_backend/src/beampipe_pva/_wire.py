@@ -16,7 +16,6 @@ served from a monitor cache.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -264,8 +263,7 @@ async def bulk_get_raw_async(names: Iterable[str], timeout: float = 5.0) -> dict
     """Like :func:`bulk_get_raw` from a coroutine; concurrent awaits in one loop turn share a batch."""
     keys = _check_names(names)
     outcomes = await coalescer().get_many_async("get", keys, timeout)
-    if any(isinstance(o, Failed) for o in outcomes.values()):
-        await asyncio.to_thread(_after, outcomes, timeout)
+    _after(outcomes, timeout)
     return outcomes
 
 

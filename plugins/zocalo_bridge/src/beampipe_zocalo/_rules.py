@@ -25,6 +25,7 @@ __all__ = [
     "Value",
     "load_rules",
     "triggers_for",
+    "unpack_event_page",
 ]
 
 Kind = Literal["start", "end", "event"]
@@ -266,7 +267,7 @@ def triggers_for(
     return out
 
 
-def _unpack_page(page: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def unpack_event_page(page: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     for i, uid in enumerate(page["uid"]):
         yield {
             "uid": uid,
@@ -315,7 +316,7 @@ class RunRouter:
             self._streams[doc["uid"]] = (doc["run_start"], doc.get("name", "primary"))
             return []
         elif name == "event_page":
-            return [t for ev in _unpack_page(doc) for t in self.feed("event", ev)]
+            return [t for ev in unpack_event_page(doc) for t in self.feed("event", ev)]
         elif name not in ("stop", "event"):
             return []
         try:
