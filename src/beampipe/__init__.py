@@ -18,6 +18,7 @@ from ._registry import (
     PluginError,
     available,
     import_ophyd,
+    protocol_of,
     reset,
     use,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "available",
     "import_ophyd",
     "missing_backend_methods",
+    "protocol_of",
     "reset",
     "signal_backend_abstract_api",
     "unwrap",

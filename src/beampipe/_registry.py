@@ -25,6 +25,7 @@ __all__ = [
     "Plugin",
     "PluginError",
     "available",
+    "protocol_of",
     "reset",
     "use",
 ]
@@ -100,17 +101,79 @@ def import_ophyd() -> types.ModuleType:
         os.environ["OPHYD_CONTROL_LAYER"] = wanted
 
 
+def protocol_of(pvname: str) -> str:
+    """The scheme a PV name asks for: ``pva://x`` is pva, ``ca://x`` and bare ``x`` are ca."""
+    scheme, sep, _ = pvname.partition("://")
+    return scheme if sep else "ca"
+
+
+# protocol -> (plugin name, layer module); the ophyd-side twin of _async_overrides.
+_layers: dict[str, tuple[str, Any]] = {}
+
+
+class _RoutingLayer(types.SimpleNamespace):
+    """ophyd.cl when plugins are installed: sends each PV name to the layer for its scheme.
+
+    ophyd talks to one control layer; users mix ``ca://``/bare and ``pva://``
+    names in one Device.  PV-level calls (get_pv, caget, caput, release_pvs)
+    go to the layer that owns the name's protocol; process-wide ones
+    (dispatcher, thread class, setup) come from the CA-side layer, which is
+    the layer ophyd had before when no plugin took CA.
+    """
+
+    def __init__(self, fallback: Any) -> None:
+        primary = _layers["ca"][1] if "ca" in _layers else fallback
+        routed = {"get_pv", "caget", "caput", "release_pvs"}  # methods below, not attributes
+        super().__init__(
+            **{k: getattr(primary, k) for k in CONTROL_LAYER_EXPORTS if k not in routed}
+        )
+        self.name = "+".join(sorted({n for n, _ in _layers.values()})) or primary.name
+        self._fallback = fallback
+
+    def _layer_for(self, pvname: str) -> Any:
+        proto = protocol_of(pvname)
+        if proto in _layers:
+            return _layers[proto][1]
+        if proto == "ca" and self._fallback is not None:
+            return self._fallback
+        raise ValueError(
+            f"{pvname}: no installed control layer serves {proto}:// "
+            f"(installed: {sorted(_layers) or 'none'}); beampipe.use() the plugin for it"
+        )
+
+    def get_pv(self, pvname: str, *args: Any, **kwargs: Any) -> Any:
+        return self._layer_for(pvname).get_pv(pvname, *args, **kwargs)
+
+    def caget(self, pvname: str, *args: Any, **kwargs: Any) -> Any:
+        return self._layer_for(pvname).caget(pvname, *args, **kwargs)
+
+    def caput(self, pvname: str, *args: Any, **kwargs: Any) -> Any:
+        return self._layer_for(pvname).caput(pvname, *args, **kwargs)
+
+    def release_pvs(self, *pvs: Any) -> None:
+        for pv in pvs:
+            self._layer_for(getattr(pv, "pvname", "")).release_pvs(pv)
+
+
 def _install_control_layer(name: str, layer: Any) -> None:
     missing = [attr for attr in CONTROL_LAYER_EXPORTS if not hasattr(layer, attr)]
     if missing:
         raise PluginError(
             f"control layer {name!r} ({layer!r}) lacks what ophyd needs: {', '.join(missing)}"
         )
+    protocols = tuple(getattr(layer, "protocols", ("ca",)))
+    if not protocols or not set(protocols) <= {"ca", "pva"}:
+        raise PluginError(f"control layer {name!r} declares protocols {protocols!r}")
     ophyd = import_ophyd()
     layer.setup(ophyd.logger)
-    namespace = types.SimpleNamespace(**{k: getattr(layer, k) for k in CONTROL_LAYER_EXPORTS})
-    ophyd.cl = namespace  # type: ignore[attr-defined]  # as ophyd.set_cl assigns it
-    logger.info("ophyd control layer is now %s", name)
+    current = getattr(ophyd, "cl", None)
+    fallback = current._fallback if isinstance(current, _RoutingLayer) else current
+    if "ca" in protocols:
+        fallback = None
+    for proto in protocols:
+        _layers[proto] = (name, layer)
+    ophyd.cl = _RoutingLayer(fallback)  # type: ignore[attr-defined]  # as ophyd.set_cl does
+    logger.info("ophyd control layer %s now serves %s://", name, "://, ".join(protocols))
 
 
 # -- ophyd-async -----------------------------------------------------------------
@@ -175,6 +238,7 @@ def reset() -> None:
             if module is not None:
                 setattr(module, "get_signal_backend_type", _original_backend_type)  # noqa: B010
     _async_overrides.clear()
+    _layers.clear()
     if "ophyd" in sys.modules:
         wanted = os.environ.get("OPHYD_CONTROL_LAYER", "any")
         if wanted.lower() in OPHYD_BUILTIN_LAYERS:

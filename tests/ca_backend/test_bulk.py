@@ -120,7 +120,7 @@ def test_input_is_validated(args, exc):
 def test_bulk_get_of_a_bank_is_one_batch(bank_ioc):
     names = [bank_ioc.pv(f"s{i}") for i in range(BANK_SIZE)]
     assert beampipe_ca.connect(names, timeout=20) == []
-    reads = context().reads
+    reads = context()
     before = reads.batches_issued
     got = beampipe_ca.bulk_get(names, timeout=10)
     assert reads.batches_issued == before + 1
@@ -130,7 +130,7 @@ def test_bulk_get_of_a_bank_is_one_batch(bank_ioc):
 def test_concurrent_threads_coalesce(bank_ioc):
     names = [bank_ioc.pv(f"s{i}") for i in range(BANK_SIZE)]
     assert beampipe_ca.connect(names, timeout=20) == []
-    reads = context().reads
+    reads = context()
     results: dict[str, float] = {}
     barrier = threading.Barrier(8)
 
@@ -153,7 +153,7 @@ def test_concurrent_threads_coalesce(bank_ioc):
 async def test_gather_of_single_async_reads_is_one_batch(bank_ioc):
     names = [bank_ioc.pv(f"s{i}") for i in range(BANK_SIZE)]
     assert await beampipe_ca.connect_async(names, timeout=20) == []
-    reads = context().reads
+    reads = context()
     before = reads.batches_issued
     got = await asyncio.gather(*(beampipe_ca.caget_async(n, timeout=10) for n in names))
     assert [r.value for r in got] == [float(i) for i in range(BANK_SIZE)]

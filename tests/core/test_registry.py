@@ -40,7 +40,10 @@ def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
         tmp_path,
         "bp-fake-dist",
         {
-            beampipe.CONTROL_LAYER_GROUP: {"bp-fake": "bp_fake_layer"},
+            beampipe.CONTROL_LAYER_GROUP: {
+                "bp-fake": "bp_fake_layer",
+                "bp-fake-pva": "bp_fake_pva_layer",
+            },
             beampipe.ASYNC_BACKEND_GROUP: {
                 "bp-fake": "bp_fake_backend:FakeCaBackend",
                 "bp-broken": "bp_fake_backend:NotABackend",
@@ -71,6 +74,37 @@ def test_use_installs_the_control_layer_into_ophyd(fake_plugin: Path) -> None:
     assert bp_fake_layer.setup_calls, "the layer's setup(logger) must run"
     with pytest.raises(bp_fake_layer.FakeLayerCalled, match="BPFAKE:x"):
         EpicsSignal("BPFAKE:x", name="x")
+
+
+def test_pva_names_go_to_the_pva_layer_and_the_rest_stay_where_they_were(
+    fake_plugin: Path,
+) -> None:
+    import bp_fake_layer
+    import bp_fake_pva_layer  # type: ignore[import-not-found]
+    import ophyd
+    from ophyd import EpicsSignal
+
+    ophyd.set_cl("pyepics")
+    beampipe.use("bp-fake-pva")
+    with pytest.raises(bp_fake_pva_layer.FakePvaCalled, match="pva://BPFAKE:x"):
+        EpicsSignal("pva://BPFAKE:x", name="x")
+    # Bare names still reach the layer ophyd had before.
+    bare = EpicsSignal("BPFAKE:y", name="y")
+    assert type(bare._read_pv).__module__ == "ophyd._pyepics_shim"
+    bare.destroy()
+    beampipe.use("bp-fake")
+    assert ophyd.cl.name == "bp-fake+bp-fake-pva"
+    with pytest.raises(bp_fake_layer.FakeLayerCalled) as caught:
+        EpicsSignal("ca://BPFAKE:z", name="z")
+    assert not isinstance(caught.value, bp_fake_pva_layer.FakePvaCalled)
+    with pytest.raises(bp_fake_pva_layer.FakePvaCalled):
+        ophyd.cl.caput("pva://BPFAKE:x", 1)
+
+
+def test_protocol_of() -> None:
+    assert beampipe.protocol_of("pva://A:b") == "pva"
+    assert beampipe.protocol_of("ca://A:b") == "ca"
+    assert beampipe.protocol_of("A:b") == "ca"
 
 
 def test_use_routes_ophyd_async_ca_signals_and_reset_restores(fake_plugin: Path) -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import itertools
 import logging
 import os
 import struct
 import threading
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -54,6 +54,7 @@ _TIME_LAYOUT: dict[int, tuple[int, np.dtype[Any], str | None]] = {
     5: (12, np.dtype("<i4"), "<i"),  # LONG
     6: (16, np.dtype("<f8"), "<d"),  # DOUBLE
 }
+_MAX_KEYS = 1 << 24
 _TYPE_NAMES = ("string", "short", "float", "enum", "char", "long", "double")
 
 
@@ -189,15 +190,30 @@ class Channel:
         return f"<Channel {self.name} {state}>"
 
 
-@dataclass
 class _GetBatch:
-    """The replies still owed for one issued batch."""
+    """The replies still owed for one issued batch.
 
-    left: int
-    results: dict[Any, Outcome[Any]]
-    complete: Callable[[Mapping[Any, Outcome[Any]]], None]
-    lock: threading.Lock
-    usrs: list[int] = field(default_factory=list)
+    The libca callback finds it by ``usr >> 24`` and the key by ``usr & 0xFFFFFF``,
+    and counts replies with ``next()`` on an itertools counter, which the GIL makes
+    atomic: no lock on the per-reply path.
+    """
+
+    __slots__ = ("complete", "counter", "decoders", "keys", "results", "total")
+
+    def __init__(
+        self, keys: tuple[Any, ...] | list[Any], complete: Callable[[Mapping[Any, Outcome[Any]]], None]
+    ) -> None:
+        self.keys = keys
+        self.total = len(keys)
+        self.complete = complete
+        self.results: dict[Any, Outcome[Any]] = {}
+        self.decoders: list[Callable[..., Any] | None] = [None] * len(keys)
+        self.counter = itertools.count(1)
+
+    def settle(self, key: Any, outcome: Outcome[Any]) -> None:
+        self.results[key] = outcome
+        if next(self.counter) == self.total:
+            self.complete(self.results)
 
 
 class _Context:
@@ -217,11 +233,21 @@ class _Context:
                 "beampipe_ca (or epicscorelibs.path.pyepics) before pyepics makes its first CA call"
             )
         self.lib = _load_libca()
+        # Queuing a request is a short, non-blocking call: keep the GIL across it, or
+        # each of the N calls hands the GIL to libca's thread delivering the first
+        # replies and the issuing loop crawls.  libca releases its own lock before
+        # it calls back into Python, so holding the GIL here cannot deadlock.
+        self.queue_get = ctypes.PYFUNCTYPE(
+            ctypes.c_int, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, _EVENT_CB, ctypes.c_void_p
+        )(("ca_array_get_callback", self.lib))
         self.ctx: int = epics.ca.initial_context
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
         self._by_token: dict[int, Channel] = {}
-        self._gets: dict[int, tuple[_GetBatch, Any, Callable[..., Any]]] = {}
+        self._gets: dict[int, _GetBatch] = {}
+        self._batch_no = 0
+        #: Wire batches put on the wire so far (tests and benchmarks check coalescing with it).
+        self.batches_issued = 0
         self._next_usr = 1
         self._decoders: dict[tuple[int, int, Hashable], tuple[int, Callable[..., Any]]] = {}
         self._conn_cb = _CONN_CB(self._on_connection)
@@ -373,44 +399,55 @@ class _Context:
         complete: Callable[[Mapping[Any, Outcome[Any]]], None],
         plan: Callable[[Channel, Any], tuple[int, int, Callable[..., Any]]],
     ) -> _GetBatch:
+        if len(keys) > _MAX_KEYS:
+            raise CaError(f"at most {_MAX_KEYS} PVs per batch, got {len(keys)}")
         self.attach()
-        state = _GetBatch(len(keys), {}, complete, threading.Lock())
-        failed: dict[Any, Outcome[Any]] = {}
+        with self._lock:
+            self._batch_no = batch_no = (self._batch_no + 1) & 0xFFFFFFFF
+            self.batches_issued += 1
+        gets = self._gets
+
+        def done(results: Mapping[Any, Outcome[Any]]) -> None:
+            gets.pop(batch_no, None)
+            complete(results)
+
+        state = gets[batch_no] = _GetBatch(keys, done)
+        base = batch_no << 24
+        failed: list[tuple[Any, Failed]] = []
         issued = 0
-        lib, cb = self.lib, self._event_cb
-        for key in keys:
+        queue_get, cb, channels, decoders = self.queue_get, self._event_cb, self._channels, state.decoders
+        for idx, key in enumerate(keys):
             name = key if isinstance(key, str) else key[0]
-            chan = self._channels.get(name)
+            chan = channels.get(name)
             if chan is None or not chan.connected.is_set():
-                failed[key] = Failed(f"{name}: not connected")
+                failed.append((key, Failed(f"{name}: not connected")))
                 continue
             try:
-                dbrcode, count, decode = plan(chan, key)
+                dbrcode, count, decoders[idx] = plan(chan, key)
             except Exception as exc:  # noqa: BLE001 - a bad request fails its PV alone
-                failed[key] = Failed(f"{name}: {exc}")
+                failed.append((key, Failed(f"{name}: {exc}")))
                 continue
-            with self._lock:
-                usr = self._next_usr
-                self._next_usr += 1
-                self._gets[usr] = (state, key, decode)
-            state.usrs.append(usr)
-            status = lib.ca_array_get_callback(dbrcode, count, chan.chid, cb, usr)
+            status = queue_get(dbrcode, count, chan.chid, cb, base | idx)
             if status != ECA_NORMAL:
-                with self._lock:
-                    self._gets.pop(usr, None)
-                failed[key] = Failed(f"{name}: ca_array_get_callback: {self.message(status)}")
+                failed.append((key, Failed(f"{name}: ca_array_get_callback: {self.message(status)}")))
                 continue
             issued += 1
         if issued:
-            lib.ca_flush_io()
-        if failed:
-            with state.lock:
-                state.results.update(failed)
-                state.left -= len(failed)
-                done = state.left == 0
-            if done:
-                complete(state.results)
+            self.lib.ca_flush_io()
+        for key, outcome in failed:
+            state.settle(key, outcome)
         return state
+
+    def _give_up(self, state: _GetBatch, timeout: float) -> dict[Any, Outcome[Any]]:
+        for batch_no, found in list(self._gets.items()):
+            if found is state:
+                self._gets.pop(batch_no, None)
+        results = dict(state.results)
+        for key in state.keys:
+            if key not in results:
+                name = key if isinstance(key, str) else key[0]
+                results[key] = Failed(f"{name}: timed out after {timeout:g} s")
+        return results
 
     def read_now(
         self,
@@ -426,16 +463,8 @@ class _Context:
         done = threading.Event()
         state = self._issue(keys, lambda _r: done.set(), plan)
         if not done.wait(timeout):
-            with self._lock:
-                for usr in state.usrs:
-                    self._gets.pop(usr, None)
-            with state.lock:
-                for key in keys:
-                    if key not in state.results:
-                        name = key if isinstance(key, str) else key[0]
-                        state.results[key] = Failed(f"{name}: timed out after {timeout:g} s")
-        with state.lock:
-            return dict(state.results)
+            return self._give_up(state, timeout)
+        return state.results
 
     async def read_now_async(
         self,
@@ -455,39 +484,27 @@ class _Context:
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            with self._lock:
-                for usr in state.usrs:
-                    self._gets.pop(usr, None)
-            with state.lock:
-                for key in keys:
-                    if key not in state.results:
-                        name = key if isinstance(key, str) else key[0]
-                        state.results[key] = Failed(f"{name}: timed out after {timeout:g} s")
-        with state.lock:
-            return dict(state.results)
+            return self._give_up(state, timeout)
+        return state.results
 
     def _on_get(self, args: _EventArgs) -> None:
         _pin_thread_state()
         try:
-            with self._lock:
-                entry = self._gets.pop(args.usr or 0, None)
-            if entry is None:
+            usr = args.usr or 0
+            state = self._gets.get(usr >> 24)
+            if state is None:
                 return
-            state, key, decode = entry
-            name = key if isinstance(key, str) else key[0]
+            idx = usr & 0xFFFFFF
+            key = state.keys[idx]
             if args.status != ECA_NORMAL:
+                name = key if isinstance(key, str) else key[0]
                 outcome: Outcome[Any] = Failed(f"{name}: {self.message(args.status)}")
             else:
                 try:
-                    outcome = Ok(decode(args.raw_dbr, args.type, args.count))
+                    outcome = Ok(state.decoders[idx](args.raw_dbr, args.type, args.count))  # type: ignore[misc]
                 except Exception as exc:  # noqa: BLE001 - a bad reply fails its PV alone
-                    outcome = Failed(f"{name}: could not decode the reply: {exc!r}")
-            with state.lock:
-                state.results[key] = outcome
-                state.left -= 1
-                done = state.left == 0
-            if done:
-                state.complete(state.results)
+                    outcome = Failed(f"{key}: could not decode the reply: {exc!r}")
+            state.settle(key, outcome)
         except Exception:  # noqa: BLE001 - never let an exception unwind into libca
             logger.exception("beampipe_ca get callback failed")
 

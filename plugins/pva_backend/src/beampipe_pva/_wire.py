@@ -33,6 +33,7 @@ __all__ = [
     "bulk_get_raw",
     "bulk_get_raw_async",
     "close_context",
+    "get_raw_async",
     "coalescer",
     "raw_context",
 ]
@@ -70,83 +71,139 @@ def close_context() -> None:
         ctx.close()
 
 
-class _Reaper:
-    """Closes finished p4p operations on a thread that lives only while there is work."""
+class _Housekeeper:
+    """One thread, alive only while there is work: closes finished operations and ends overdue
+    batches with the answers they have, so one unknown PV never sinks its batch-mates."""
 
     IDLE = 0.2
 
-    def __init__(self) -> None:
+    def __init__(self, io: PvaGetIO) -> None:
+        self._io = io
         self._cond = threading.Condition()
         self._work: list[list[Any]] = []
         self._thread: threading.Thread | None = None
+        self._deadline: float | None = None
+
+    def _ensure(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="beampipe-pva-io", daemon=True)
+            self._thread.start()
+        else:
+            self._cond.notify()
 
     def bury(self, ops: list[Any]) -> None:
         if not ops:
             return
         with self._cond:
             self._work.append(ops)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="beampipe-pva-reaper", daemon=True
-                )
-                self._thread.start()
-            else:
-                self._cond.notify()
+            self._ensure()
+
+    def watch(self, deadline: float) -> None:
+        with self._cond:
+            if self._deadline is None or deadline < self._deadline:
+                self._deadline = deadline
+                self._ensure()
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             with self._cond:
+                now = time.monotonic()
                 if not self._work:
-                    self._cond.wait(self.IDLE)
-                if not self._work:
+                    wait = self.IDLE
+                    if self._deadline is not None:
+                        wait = max(0.0, min(wait, self._deadline - now))
+                    if wait:
+                        self._cond.wait(wait)
+                now = time.monotonic()
+                due = self._deadline is not None and self._deadline <= now
+                if due:
+                    self._deadline = None
+                work, self._work = self._work, []
+                if work or due or self._deadline is not None:
+                    idle_since = now
+                elif now - idle_since >= self.IDLE:
                     self._thread = None
                     return
-                work, self._work = self._work, []
             for ops in work:
-                for op in ops:
-                    try:
-                        op.close()
-                    except Exception:  # noqa: BLE001 - a failed close must not kill the reaper
-                        logger.debug("closing a finished PVA operation failed", exc_info=True)
+                _close_all(ops)
+            if due:
+                nxt = self._io.expire_flights(time.monotonic())
+                if nxt is not None:
+                    self.watch(nxt)
 
     def drain(self) -> None:
         with self._cond:
             work, self._work = self._work, []
+            self._deadline = None
             thread = self._thread
+            self._cond.notify()
         for ops in work:
-            for op in ops:
-                op.close()
+            _close_all(ops)
         if thread is not None:
             thread.join(2 * self.IDLE + 1.0)
 
 
-class _Flight:
-    __slots__ = ("complete", "done", "lock", "ops", "results", "started", "want")
+def _close_all(ops: list[Any]) -> None:
+    for op in ops:
+        try:
+            op.close()
+        except Exception:  # noqa: BLE001 - a failed close must not kill the housekeeper
+            logger.debug("closing a finished PVA operation failed", exc_info=True)
 
-    def __init__(self, want: int, complete: Callable[[Mapping[Any, Outcome[Any]]], None]) -> None:
+
+class _Flight:
+    __slots__ = ("complete", "deadline", "done", "lock", "ops", "results", "want")
+
+    def __init__(
+        self, want: int, complete: Callable[[Mapping[Any, Outcome[Any]]], None], deadline: float
+    ) -> None:
         self.want = want
         self.complete = complete
         self.results: dict[str, Outcome[Any]] = {}
         self.ops: dict[str, Any] = {}
         self.lock = threading.Lock()
         self.done = False
-        self.started = time.monotonic()
+        self.deadline = deadline
 
 
 class PvaGetIO:
-    """BatchIO for pvAccess GET: every key of a batch is one get, issued together."""
+    """BatchIO for pvAccess GET: every key of a batch is one get, issued together.
+
+    A batch completes when every get has answered, or at the latest caller
+    deadline with what it has: the rest fail alone, their gets cancelled.
+    """
+
+    #: Used for keys whose caller did not say (e.g. read straight through the Coalescer).
+    default_timeout = 5.0
 
     def __init__(self, context: Callable[[], Any] = raw_context, request: Any = None) -> None:
         self._context = context
         self._request = request
-        self._reaper = _Reaper()
+        self._house = _Housekeeper(self)
         self._flights: dict[int, _Flight] = {}
-        self._flights_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._wanted: dict[str, float] = {}
+
+    def want(self, names: Iterable[str], deadline: float) -> None:
+        """Tell the IO how long callers will wait for these names, before they are requested."""
+        with self._lock:
+            for name in names:
+                if self._wanted.get(name, 0.0) < deadline:
+                    self._wanted[name] = deadline
 
     def issue(self, batch: Batch[str], complete: Callable[[Mapping[Any, Outcome[Any]]], None]) -> None:
         ctx = self._context()
-        flight = _Flight(len(batch.keys), complete)
-        with self._flights_lock:
+        now = time.monotonic()
+        with self._lock:
+            wanted = [self._wanted.pop(name, 0.0) for name in batch.keys]
+        deadline = max(max(wanted, default=0.0), now + 0.001)
+        if deadline <= now + 0.002 and not any(wanted):
+            deadline = now + self.default_timeout
+        # Finish a little before the callers give up, so answers that did come are delivered.
+        deadline -= min(0.05, 0.1 * (deadline - now))
+        flight = _Flight(len(batch.keys), complete, deadline)
+        with self._lock:
             self._flights[batch.id] = flight
         get = ctx.get
         for name in batch.keys:
@@ -155,7 +212,11 @@ class PvaGetIO:
                 if name not in flight.results:
                     flight.ops[name] = op
                     continue
-            self._reaper.bury([op])
+            self._house.bury([op])
+        with flight.lock:
+            pending = not flight.done
+        if pending:
+            self._house.watch(deadline)
 
     def _handler(self, batch_id: int, flight: _Flight, name: str) -> Callable[[Any], None]:
         def on_result(value: Any) -> None:
@@ -173,52 +234,48 @@ class PvaGetIO:
                     ops = list(flight.ops.values())
                     flight.ops.clear()
             if finished:
-                with self._flights_lock:
+                with self._lock:
                     self._flights.pop(batch_id, None)
-                self._reaper.bury(ops)
+                self._house.bury(ops)
                 flight.complete(flight.results)
 
         return on_result
 
-    def abandon(self, names: Iterable[str], older_than: float) -> None:
-        """Cancel gets that nobody waits for any more (their callers timed out).
-
-        Without this an unknown PV's get would search forever; only flights
-        older than the callers' timeout are touched, so a newer caller's
-        read of the same name keeps its own operation.
-        """
-        names = set(names)
-        now = time.monotonic()
-        with self._flights_lock:
-            flights = [
-                (bid, f) for bid, f in self._flights.items() if now - f.started >= older_than
-            ]
-        for batch_id, flight in flights:
-            ops = []
+    def expire_flights(self, now: float) -> float | None:
+        """End every overdue batch with the answers it has; returns the next deadline."""
+        with self._lock:
+            due = [(bid, f) for bid, f in self._flights.items() if f.deadline <= now]
+            for bid, _ in due:
+                del self._flights[bid]
+            nxt = min((f.deadline for f in self._flights.values()), default=None)
+        for _, flight in due:
             with flight.lock:
-                for name in names & set(flight.ops):
-                    ops.append(flight.ops.pop(name))
-                    flight.results.setdefault(name, Failed(f"{name}: no answer, cancelled"))
-                finished = not flight.done and len(flight.results) == flight.want
-                if finished:
-                    flight.done = True
-            self._reaper.bury(ops)
-            if finished:
-                with self._flights_lock:
-                    self._flights.pop(batch_id, None)
-                flight.complete(flight.results)
+                if flight.done:
+                    continue
+                flight.done = True
+                ops = list(flight.ops.items())
+                flight.ops.clear()
+                waited = now - flight.deadline
+                for name, _op in ops:
+                    if name not in flight.results:
+                        flight.results[name] = Failed(
+                            f"{name}: no answer in time (unknown PV, or its server is down)"
+                            + (f", {waited:.2f}s late" if waited > 1 else "")
+                        )
+            _close_all([op for _, op in ops])
+            flight.complete(flight.results)
+        return nxt
 
     def close(self) -> None:
-        with self._flights_lock:
+        with self._lock:
             flights, self._flights = list(self._flights.values()), {}
         for flight in flights:
             with flight.lock:
                 ops = list(flight.ops.values())
                 flight.ops.clear()
                 flight.done = True
-            for op in ops:
-                op.close()
-        self._reaper.drain()
+            _close_all(ops)
+        self._house.drain()
 
 
 def coalescer() -> Coalescer[str, Any]:
@@ -231,10 +288,6 @@ def coalescer() -> Coalescer[str, Any]:
         return _coalescer
 
 
-def _io_for_abandon() -> PvaGetIO | None:
-    return _io
-
-
 def _check_names(names: Iterable[str]) -> list[str]:
     if isinstance(names, str | bytes):
         raise TypeError(f"names must be a list of PV names, not a single string {names!r}")
@@ -245,26 +298,34 @@ def _check_names(names: Iterable[str]) -> list[str]:
     return [n.removeprefix("pva://") for n in out]
 
 
-def _after(outcomes: Mapping[str, Outcome[Any]], timeout: float) -> None:
-    timed_out = [k for k, o in outcomes.items() if isinstance(o, Failed) and "timed out" in o.reason]
-    if timed_out and (io := _io_for_abandon()) is not None:
-        io.abandon(timed_out, older_than=timeout * 0.999)
+def _announce(keys: list[str], timeout: float) -> None:
+    io = _io
+    if io is not None:
+        io.want(keys, time.monotonic() + timeout)
 
 
 def bulk_get_raw(names: Iterable[str], timeout: float = 5.0) -> dict[str, Outcome[Any]]:
     """Fresh GETs of many PVs, issued at once; each outcome is Ok(p4p Value) or Failed(reason)."""
     keys = _check_names(names)
-    outcomes = coalescer().get_many("get", keys, timeout)
-    _after(outcomes, timeout)
-    return outcomes
+    co = coalescer()
+    _announce(keys, timeout)
+    return co.get_many("get", keys, timeout)
 
 
 async def bulk_get_raw_async(names: Iterable[str], timeout: float = 5.0) -> dict[str, Outcome[Any]]:
     """Like :func:`bulk_get_raw` from a coroutine; concurrent awaits in one loop turn share a batch."""
     keys = _check_names(names)
-    outcomes = await coalescer().get_many_async("get", keys, timeout)
-    _after(outcomes, timeout)
-    return outcomes
+    co = coalescer()
+    _announce(keys, timeout)
+    return await co.get_many_async("get", keys, timeout)
+
+
+async def get_raw_async(name: str, timeout: float = 5.0) -> Outcome[Any]:
+    """One fresh GET from a coroutine, sharing a batch with every other read in this loop turn."""
+    (key,) = _check_names([name])
+    co = coalescer()
+    _announce([key], timeout)
+    return await co.get_async("get", key, timeout)
 
 
 def _decoded(names: list[str], outcomes: Mapping[str, Outcome[Any]]) -> dict[str, Any]:

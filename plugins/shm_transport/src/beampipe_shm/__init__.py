@@ -1,3 +1,42 @@
-"""Zero-copy shared-memory frame transport between processes on one host, and a broker-less workflows transport."""
+"""Zero-copy shared-memory frame transport between processes on one host.
 
-__all__: list[str] = []
+A :class:`Producer` declares named array streams (dtype, shape, units) and
+writes frames straight into shared-memory slots; any number of :class:`Reader`
+processes open the stream by name and get the newest frame (live view) or every
+frame in order (analysis), as read-only zero-copy numpy views under a lease or
+as copies.  The protocol (slots, sequence numbers, leases, recovery) is in
+docs/shm_transport.md.
+"""
+
+from ._errors import (
+    ControlRingFull,
+    FrameTooLarge,
+    LeaseLimitReached,
+    NameInUse,
+    ReaderLimitReached,
+    SchemaMismatch,
+    ShmError,
+    StreamNotFound,
+)
+from ._layout import Schema, StreamSpec
+from ._producer import ControlMessage, Producer, WritableFrame
+from ._reader import Frame, Reader, ReaderStats
+
+__all__ = [
+    "ControlMessage",
+    "ControlRingFull",
+    "Frame",
+    "FrameTooLarge",
+    "LeaseLimitReached",
+    "NameInUse",
+    "Producer",
+    "Reader",
+    "ReaderLimitReached",
+    "ReaderStats",
+    "Schema",
+    "SchemaMismatch",
+    "ShmError",
+    "StreamNotFound",
+    "StreamSpec",
+    "WritableFrame",
+]

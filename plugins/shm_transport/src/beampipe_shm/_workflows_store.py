@@ -146,7 +146,9 @@ def encode(
     try:
         raw = json.dumps(meta, separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"message headers for {routing_key or exchange!r} are not JSON: {exc}")
+        raise TypeError(
+            f"message headers for {routing_key or exchange!r} are not JSON: {exc}"
+        ) from exc
     if array is not None:
         pad = -(_PREFIX.size + len(raw)) % _ALIGN
         raw += b" " * pad

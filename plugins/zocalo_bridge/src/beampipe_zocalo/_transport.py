@@ -116,6 +116,24 @@ class _GuardedPikaThread(_pt._PikaThread):
         return future
 
 
+#: Fanout exchanges workflows' frontend needs (zocalo.configure_rabbitmq's defaults).
+ZOCALO_EXCHANGES = ("command", "transient.status")
+
+
+def _ensure_fanout_exchanges(conn: pika.BlockingConnection) -> None:
+    for name in ZOCALO_EXCHANGES:
+        ch = conn.channel()
+        try:
+            ch.exchange_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            ch = conn.channel()
+            ch.exchange_declare(name, exchange_type="fanout", durable=True)
+            log.info("declared fanout exchange %s", name)
+        ch.close()
+
+
 class GuardedPikaTransport(PikaTransport):
     """PikaTransport with confirmed sends, header-less messages survived, queue checks."""
 
@@ -138,7 +156,13 @@ class GuardedPikaTransport(PikaTransport):
         with self._lock:
             if not hasattr(self, "_pika_thread"):
                 self._pika_thread = _GuardedPikaThread(self._generate_connection_parameters())
-        return super().connect()
+        if not super().connect():
+            return False
+        # zocalo.service's frontend binds to 'command' and broadcasts on
+        # 'transient.status'; on a broker zocalo.configure_rabbitmq never saw,
+        # the missing exchange kills the connection.  Declare them if absent.
+        self._thread().call(_ensure_fanout_exchanges).result(10)
+        return True
 
     def _call_message_callback(
         self, subscription_id: int, _channel: Any, method: Any, properties: Any, body: bytes
@@ -201,3 +225,8 @@ class GuardedPikaTransport(PikaTransport):
                     "exchange (rabbitmq_delayed_message_exchange plugin); the message would be lost"
                 )
         super()._send(destination, message, headers=headers, delay=delay, **kwargs)
+
+    def delete_queue(self, name: str, timeout: float = 10.0) -> None:
+        from ._queues import delete_queues
+
+        self._thread().call(lambda c: delete_queues(c, [name])).result(timeout)

@@ -1,0 +1,578 @@
+"""The producer: owns one segment, writes frames straight into slots, never waits for readers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from . import _layout as L
+from ._errors import FrameTooLarge, NameInUse, SchemaMismatch
+from ._sys import fence, futex_wake, lock_held_by_other, store_fence, try_lock, unlock
+
+__all__ = ["ControlMessage", "Producer", "WritableFrame"]
+
+log = logging.getLogger("beampipe_shm")
+
+_RECLAIM_EVERY_NS = 250_000_000
+_WRAP = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    """A message a reader sent to the producer (``Reader.send_control``)."""
+
+    reader: int  # record index
+    pid: int
+    kind: int
+    data: bytes
+
+
+class WritableFrame:
+    """A claimed slot: fill ``frame[stream]`` in place; publishing happens on ``__exit__``.
+
+    The arrays are views into shared memory and are only yours inside the
+    ``with`` block: after it the slot belongs to readers and, later, to the next frame.
+    """
+
+    __slots__ = ("_arrays", "_done", "_k", "_producer", "_rows", "attrs", "frame_id", "seq")
+
+    def __init__(
+        self,
+        producer: Producer,
+        k: int | None,
+        seq: int,
+        arrays: dict[str, np.ndarray[Any, Any]],
+        rows: dict[str, int],
+        frame_id: int | None,
+        attrs: dict[str, Any],
+    ) -> None:
+        self._producer = producer
+        self._k = k
+        self.seq = seq
+        self._arrays = arrays
+        self._rows = rows
+        self.frame_id = frame_id
+        self.attrs = attrs
+        self._done = False
+
+    @property
+    def dropped(self) -> bool:
+        """True when every slot was leased: the data goes nowhere and the drop is counted."""
+        return self._k is None
+
+    def __getitem__(self, stream: str) -> np.ndarray[Any, Any]:
+        try:
+            return self._arrays[stream]
+        except KeyError:
+            raise KeyError(
+                f"stream {self._producer.name!r} has no array {stream!r} "
+                f"(has {', '.join(self._arrays)})"
+            ) from None
+
+    def __enter__(self) -> WritableFrame:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.abort()
+
+    def publish(self, timestamp: float | None = None) -> int | None:
+        """Make the frame visible; returns its sequence number, None if it was dropped."""
+        if self._done:
+            raise RuntimeError(f"stream {self._producer.name!r}: frame {self.seq} already finished")
+        self._done = True
+        return self._producer._commit(self, timestamp)
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._producer._abort(self)
+
+
+class Producer:
+    """Publish frames of a fixed schema to any number of readers on this host.
+
+    Why the shape of the API: the producer never blocks on a reader (a slow or
+    dead reader only loses frames, counted), frames are written in place (no copy
+    on either side) and a crash leaves nothing that the next producer of the same
+    name does not clean up.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        streams: Any,
+        *,
+        slots: int = 4,
+        max_readers: int = 16,
+        attrs: Mapping[str, Any] | None = None,
+        attrs_bytes: int = 4096 - L.SLOT_FIXED,
+        control_bytes: int = 4096 - L.R_CTRL_DATA,
+        mode: int = 0o600,
+    ) -> None:
+        self.name = L.check_name(name)
+        self.schema = L.Schema.coerce(streams, attrs)
+        if not isinstance(slots, int) or not 2 <= slots <= L.MAX_SLOTS:
+            raise ValueError(f"stream {name!r}: slots must be 2..{L.MAX_SLOTS}, got {slots!r}")
+        if not isinstance(max_readers, int) or not 1 <= max_readers <= L.MAX_READERS:
+            raise ValueError(f"stream {name!r}: max_readers must be 1..{L.MAX_READERS}")
+        if attrs_bytes < 0 or control_bytes < 64:
+            raise ValueError(f"stream {name!r}: attrs_bytes >= 0 and control_bytes >= 64")
+        attrs_bytes = L.round_up(attrs_bytes, 8)
+        control_bytes = L.round_up(control_bytes, 8)
+        g = L.Geometry.plan(b"", self.schema, slots, max_readers, attrs_bytes, control_bytes)
+        blob = json.dumps({"schema": self.schema.to_json(), "geometry": g.to_json()}).encode()
+        self.geometry = g = L.Geometry.plan(
+            blob, self.schema, slots, max_readers, attrs_bytes, control_bytes
+        )
+        self.path = L.segment_path(name)
+        self._fd = -1
+        prev_generation = self._create(mode)
+        try:
+            os.ftruncate(self._fd, g.total)
+            self._mm = mmap.mmap(self._fd, g.total)
+        except BaseException:
+            self._discard()
+            raise
+        self._words = memoryview(self._mm).cast("Q")
+        self._f64 = memoryview(self._mm).cast("d")
+        w = self._words
+        w[L.H_MAGIC] = L.MAGIC
+        w[L.H_VERSION] = L.VERSION
+        self.generation = max(time.time_ns(), prev_generation + 1)
+        w[L.H_GENERATION] = self.generation
+        w[L.H_PID] = os.getpid()
+        w[L.H_N_SLOTS] = slots
+        w[L.H_SLOT_STRIDE] = g.slot_stride
+        w[L.H_SLOTS_OFF] = g.slots_off
+        w[L.H_MAX_READERS] = max_readers
+        w[L.H_RECORD_STRIDE] = g.record_stride
+        w[L.H_RECORDS_OFF] = g.records_off
+        w[L.H_SCHEMA_OFF] = g.schema_off
+        w[L.H_SCHEMA_LEN] = len(blob)
+        w[L.H_CREATED_NS] = time.time_ns()
+        w[L.H_TOTAL] = g.total
+        self._mm[g.schema_off : g.schema_off + len(blob)] = blob
+        # numpy views built once: per frame only the slot index changes
+        self._slot_base = [g.slots_off + k * g.slot_stride for k in range(slots)]
+        self._slot_word = [b // 8 for b in self._slot_base]
+        self._views: list[dict[str, np.ndarray[Any, Any]]] = []
+        for base in self._slot_base:
+            views = {}
+            for spec, off in zip(self.schema.streams, g.stream_offsets, strict=True):
+                count = int(np.prod(spec.shape, dtype=np.int64))
+                arr = np.frombuffer(self._mm, spec.dtype, count, base + off).reshape(spec.shape)
+                views[spec.name] = arr
+            self._views.append(views)
+        self._scratch = {
+            s.name: np.empty(s.shape, s.dtype) for s in self.schema.streams
+        }  # where a dropped frame is written
+        rec0 = g.records_off
+        rs = g.record_stride
+        self._rec_word = [(rec0 + i * rs) // 8 for i in range(max_readers)]
+        self._leases = np.ndarray(
+            (max_readers, slots), np.uint64, self._mm, rec0 + L.R_LEASES * 8, (rs, 8)
+        )
+        self._rec_cols = np.ndarray(
+            (max_readers, L.R_WAITING + 1), np.uint64, self._mm, rec0, (rs, 8)
+        )
+        self._slot_seq = [0] * slots  # frame seq last written per slot (0 = never)
+        self._seq = 0
+        self._latest_k = -1
+        self._open: WritableFrame | None = None
+        self._last_ns = 0
+        self._rate = 0.0
+        self._next_reclaim = 0
+        self._notify_addr = int(np.frombuffer(self._mm, np.uint8).ctypes.data) + L.NOTIFY_OFFSET
+        self.dropped = 0
+        self.lease_skips = 0
+        self._closed = False
+        store_fence()
+        w[L.H_STATE] = L.STATE_LIVE
+        log.debug("stream %r: created %s (%d bytes)", name, self.path, g.total)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _create(self, mode: int) -> int:
+        """Create the segment exclusively; clean a dead producer's one. Returns its generation."""
+        prev = 0
+        for _ in range(200):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            except FileExistsError:
+                prev = max(prev, self._clean_stale())
+                continue
+            if try_lock(fd, L.LOCK_PRODUCER):
+                self._fd = fd
+                return prev
+            os.close(fd)  # a cleaner judged our empty file stale and is removing it: retry
+            time.sleep(0.005)
+        raise NameInUse(f"stream {self.name!r}: could not create {self.path} (contended)")
+
+    def _clean_stale(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        try:
+            st = os.fstat(fd)
+            if not try_lock(fd, L.LOCK_PRODUCER):
+                pid = "?"
+                if st.st_size >= L.HEADER_WORDS * 8:
+                    with mmap.mmap(fd, L.HEADER_WORDS * 8, prot=mmap.PROT_READ) as hm:
+                        pid = str(struct.unpack_from("Q", hm, L.H_PID * 8)[0])
+                raise NameInUse(
+                    f"stream {self.name!r} is already published by a live producer (pid {pid})"
+                )
+            if st.st_size == 0 and time.time() - st.st_mtime < 2.0:
+                unlock(fd, L.LOCK_PRODUCER)  # a producer is between create and lock
+                time.sleep(0.005)
+                return 0
+            gen = pid_old = 0
+            if st.st_size >= L.HEADER_WORDS * 8:
+                with mmap.mmap(fd, L.HEADER_WORDS * 8, prot=mmap.PROT_READ) as hm:
+                    gen = struct.unpack_from("Q", hm, L.H_GENERATION * 8)[0]
+                    pid_old = struct.unpack_from("Q", hm, L.H_PID * 8)[0]
+            # We hold the dead producer's lock, so nobody else can replace the path now.
+            try:
+                if os.stat(self.path).st_ino == st.st_ino:
+                    os.unlink(self.path)
+                    log.warning(
+                        "stream %r: removed the stale segment of dead producer pid %s",
+                        self.name,
+                        pid_old,
+                    )
+            except FileNotFoundError:
+                pass
+            return int(gen)
+        finally:
+            os.close(fd)
+
+    def _discard(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = -1
+
+    def close(self) -> None:
+        """Tell readers the stream ended, wake them and remove the segment."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._open is not None:
+            self._open.abort()
+        w = self._words
+        w[L.H_STATE] = L.STATE_CLOSED
+        w[L.H_NOTIFY] = (w[L.H_NOTIFY] + 1) & 0xFFFFFFFF
+        fence()
+        futex_wake(self._notify_addr)
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        unlock(self._fd, L.LOCK_PRODUCER)
+        os.close(self._fd)
+        self._views.clear()
+        self._leases = self._rec_cols = np.empty(0, np.uint64)
+        self._words.release()
+        self._f64.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # the caller kept a slot view; the mapping goes with it
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._seq} frames"
+        return f"<Producer {self.name!r} {state}>"
+
+    # ------------------------------------------------------------------ writing
+    @property
+    def frames_published(self) -> int:
+        return self._seq
+
+    def frame(
+        self,
+        *,
+        frame_id: int | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        rows: Mapping[str, int] | None = None,
+    ) -> WritableFrame:
+        """Claim a slot to fill in place; use as ``with producer.frame() as f: f["img"][...] = x``.
+
+        ``rows`` gives the leading dimension of ``variable`` streams for this frame.
+        """
+        if self._closed:
+            raise RuntimeError(f"stream {self.name!r}: producer is closed")
+        if self._open is not None:
+            raise RuntimeError(f"stream {self.name!r}: frame {self._open.seq} is still open")
+        row_counts = self._check_rows(rows or {})
+        seq = self._seq + 1
+        k = self._claim(seq)
+        full = self._views[k] if k is not None else self._scratch
+        arrays = {
+            n: (a[: row_counts[n]] if n in row_counts else a) for n, a in full.items()
+        }
+        wf = WritableFrame(self, k, seq, arrays, row_counts, frame_id, dict(attrs or {}))
+        self._open = wf
+        return wf
+
+    def publish(
+        self,
+        data: Mapping[str, Any] | np.ndarray[Any, Any],
+        *,
+        frame_id: int | None = None,
+        timestamp: float | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> int | None:
+        """Copy arrays into a slot and publish them; returns the frame's sequence or None if dropped.
+
+        A bare array is accepted when the schema has one stream.
+        """
+        if not isinstance(data, Mapping):
+            if len(self.schema.streams) != 1:
+                raise SchemaMismatch(
+                    f"stream {self.name!r} has streams {self.schema.names}: pass a mapping"
+                )
+            data = {self.schema.streams[0].name: data}
+        missing = set(self.schema.names) - set(data)
+        extra = set(data) - set(self.schema.names)
+        if missing or extra:
+            raise SchemaMismatch(
+                f"stream {self.name!r}: frame has streams {sorted(data)}, schema has "
+                f"{self.schema.names}"
+            )
+        arrays = {n: np.asarray(v) for n, v in data.items()}
+        rows = {}
+        for spec in self.schema.streams:
+            a = arrays[spec.name]
+            self._check_array(spec, a)
+            if spec.variable:
+                rows[spec.name] = a.shape[0]
+        f = self.frame(frame_id=frame_id, attrs=attrs, rows=rows)
+        try:
+            for n, a in arrays.items():
+                np.copyto(f[n], a, casting="same_kind")
+        except BaseException:
+            f.abort()
+            raise
+        return f.publish(timestamp)
+
+    def _check_array(self, spec: L.StreamSpec, a: np.ndarray[Any, Any]) -> None:
+        where = f"stream {self.name!r} array {spec.name!r}"
+        if a.nbytes > spec.nbytes:
+            raise FrameTooLarge(
+                f"{where}: {a.nbytes} bytes {a.shape} do not fit the slot's {spec.nbytes} "
+                f"bytes {spec.shape}"
+            )
+        if not np.can_cast(a.dtype, spec.dtype, "same_kind"):
+            raise SchemaMismatch(f"{where}: dtype {a.dtype} cannot be written as {spec.dtype}")
+        if spec.variable:
+            if a.ndim != len(spec.shape) or a.shape[1:] != spec.shape[1:]:
+                raise SchemaMismatch(f"{where}: shape {a.shape} != (n<={spec.shape[0]},) + ...")
+            if a.shape[0] > spec.shape[0]:
+                raise FrameTooLarge(f"{where}: {a.shape[0]} rows > slot's {spec.shape[0]}")
+        elif a.shape != spec.shape:
+            raise SchemaMismatch(f"{where}: shape {a.shape} != schema's {spec.shape}")
+
+    def _check_rows(self, rows: Mapping[str, int]) -> dict[str, int]:
+        out = {}
+        for n, r in rows.items():
+            try:
+                spec = self.schema[n]
+            except KeyError:
+                raise SchemaMismatch(f"stream {self.name!r} has no array {n!r}") from None
+            if not spec.variable:
+                raise SchemaMismatch(f"stream {self.name!r} array {n!r} is not variable")
+            if not isinstance(r, int | np.integer) or r < 0:
+                raise ValueError(f"stream {self.name!r} array {n!r}: bad row count {r!r}")
+            if r > spec.shape[0]:
+                raise FrameTooLarge(
+                    f"stream {self.name!r} array {n!r}: {r} rows > slot's {spec.shape[0]}"
+                )
+            out[n] = int(r)
+        return out
+
+    def _claim(self, seq: int) -> int | None:
+        """Pick a slot nobody leases and mark it being written (odd sequence)."""
+        g = self.geometry
+        leased = self._leases.any(axis=0)
+        cols = self._rec_cols
+        every = bool(((cols[:, L.R_PID] != 0) & (cols[:, L.R_MODE] == L.MODE_EVERY)).any())
+        cands = [k for k in range(g.n_slots) if k != self._latest_k and not leased[k]]
+        if not cands:
+            self._reclaim(force=True)
+            leased = self._leases.any(axis=0)
+            cands = [k for k in range(g.n_slots) if k != self._latest_k and not leased[k]]
+        # Every-frame readers present: oldest first, they get n_slots-1 frames of slack.
+        # Only live-view readers: the most recently written free slot, still in cache.
+        cands.sort(key=self._slot_seq.__getitem__, reverse=not every)
+        if self._latest_k >= 0 and not leased[self._latest_k]:
+            cands.append(self._latest_k)  # last resort: replace the newest frame, not drop one
+        w = self._words
+        for k in cands:
+            sw = self._slot_word[k]
+            old = w[sw + L.S_SEQ]
+            w[sw + L.S_SEQ] = 2 * seq - 1
+            fence()  # our odd sequence before we look at leases (Dekker with Reader._lease)
+            if not self._leases[:, k].any():
+                return k
+            w[sw + L.S_SEQ] = old  # a reader leased it meanwhile: its data is untouched
+            self.lease_skips += 1
+            w[L.H_LEASE_SKIPS] += 1
+        self.dropped += 1
+        w[L.H_DROPPED] += 1
+        if self.dropped & (self.dropped - 1) == 0:  # log 1, 2, 4, 8, ... not every drop
+            log.warning(
+                "stream %r: every slot is leased by readers, frame %d dropped (%d so far)",
+                self.name,
+                seq,
+                self.dropped,
+            )
+        return None
+
+    def _commit(self, f: WritableFrame, timestamp: float | None) -> int | None:
+        self._open = None
+        now = time.monotonic_ns()
+        if now >= self._next_reclaim:
+            self._reclaim()
+        k = f._k
+        if k is None:
+            return None
+        w = self._words
+        sw = self._slot_word[k]
+        seq = f.seq
+        w[sw + L.S_FRAME_SEQ] = seq
+        fid = seq if f.frame_id is None else int(f.frame_id)
+        w[sw + L.S_FRAME_ID] = fid & 0xFFFFFFFFFFFFFFFF
+        self._f64[sw + L.S_TIMESTAMP] = time.time() if timestamp is None else float(timestamp)
+        if f.attrs:
+            blob = json.dumps(f.attrs).encode()
+            if len(blob) > self.geometry.attrs_bytes:
+                self._abort(f)
+                raise FrameTooLarge(
+                    f"stream {self.name!r}: frame attributes take {len(blob)} bytes, "
+                    f"the slot holds {self.geometry.attrs_bytes} (Producer(attrs_bytes=...))"
+                )
+            start = self._slot_base[k] + L.SLOT_FIXED
+            self._mm[start : start + len(blob)] = blob
+            w[sw + L.S_ATTRS_LEN] = len(blob)
+        else:
+            w[sw + L.S_ATTRS_LEN] = 0
+        for i, spec in enumerate(self.schema.streams):
+            if spec.variable:
+                w[sw + L.S_LEAD + i] = f._rows.get(spec.name, spec.shape[0])
+        w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
+        store_fence()  # payload and metadata before the even sequence
+        w[sw + L.S_SEQ] = 2 * seq
+        store_fence()  # the slot before the pointer to it
+        w[L.H_LATEST] = seq * 256 + k
+        w[L.H_NOTIFY] = (w[L.H_NOTIFY] + 1) & 0xFFFFFFFF
+        self._slot_seq[k] = seq
+        self._latest_k = k
+        self._seq = seq
+        fence()  # latest/notify before we read the waiting flags (Dekker with Reader._wait)
+        if self._rec_cols[:, L.R_WAITING].any():
+            futex_wake(self._notify_addr)
+        if self._last_ns:
+            dt = (now - self._last_ns) / 1e9
+            if dt > 0:
+                alpha = min(1.0, dt)  # ~1 s time constant whatever the rate
+                self._rate += alpha * (1.0 / dt - self._rate)
+        self._last_ns = now
+        w[L.H_PUBLISH_NS] = now
+        self._f64[L.H_RATE] = self._rate
+        return seq
+
+    def _abort(self, f: WritableFrame) -> None:
+        self._open = None
+        if f._k is not None:
+            k = f._k
+            self._words[self._slot_word[k] + L.S_SEQ] = 0  # half-written: never readable
+            self._slot_seq[k] = 0
+            if self._latest_k == k:
+                self._latest_k = -1
+
+    # ------------------------------------------------------------------ readers
+    def _reclaim(self, force: bool = False) -> int:
+        """Free the records and leases of readers that died (their OFD lock is gone)."""
+        self._next_reclaim = time.monotonic_ns() + _RECLAIM_EVERY_NS
+        n = 0
+        w = self._words
+        for i, rw in enumerate(self._rec_word):
+            if w[rw + L.R_PID] == 0:
+                continue
+            byte = L.LOCK_READER_BASE + i
+            if lock_held_by_other(self._fd, byte) or not try_lock(self._fd, byte):
+                continue
+            try:
+                pid = w[rw + L.R_PID]
+                self._leases[i, :] = 0
+                w[rw + L.R_WAITING] = 0
+                w[rw + L.R_PID] = 0
+                n += 1
+                log.warning("stream %r: reclaimed reader %d (pid %d) which died", self.name, i, pid)
+            finally:
+                unlock(self._fd, byte)
+        if n:
+            w[L.H_RECLAIMED] += n
+        return n
+
+    def reclaim_dead_readers(self) -> int:
+        """Reclaim now (publishing does it every 0.25 s); returns how many were reclaimed."""
+        return self._reclaim(force=True)
+
+    def poll_control(self, max_messages: int = 256) -> list[ControlMessage]:
+        """Drain readers' control rings (reader -> producer requests), oldest first per reader."""
+        if self._closed:
+            raise RuntimeError(f"stream {self.name!r}: producer is closed")
+        out: list[ControlMessage] = []
+        w = self._words
+        g = self.geometry
+        cap = g.record_stride - L.R_CTRL_DATA
+        for i, rw in enumerate(self._rec_word):
+            pid = w[rw + L.R_PID]
+            if pid == 0:
+                continue
+            head = w[rw + L.R_CTRL_HEAD]
+            tail = w[rw + L.R_CTRL_TAIL]
+            if head == tail:
+                continue
+            fence()  # head before the bytes it covers
+            data0 = g.records_off + i * g.record_stride + L.R_CTRL_DATA
+            while tail < head and len(out) < max_messages:
+                pos = tail % cap
+                length, kind = struct.unpack_from("II", self._mm, data0 + pos)
+                if length == _WRAP:
+                    tail += cap - pos
+                    continue
+                body = bytes(self._mm[data0 + pos + 8 : data0 + pos + 8 + length])
+                tail += 8 + L.round_up(length, 8)
+                out.append(ControlMessage(i, int(pid), kind, body))
+            fence()  # finish reading before the reader may reuse the bytes
+            w[rw + L.R_CTRL_TAIL] = tail
+        return out

@@ -1,0 +1,619 @@
+"""Readers: open a stream by name, get the newest frame or every frame, zero-copy or copied."""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _layout as L
+from ._errors import ControlRingFull, LeaseLimitReached, ReaderLimitReached, StreamNotFound
+from ._segment import Mapped, open_segment
+from ._sys import fence, futex_wait, load_fence, store_fence, try_lock, unlock
+
+__all__ = ["Frame", "Reader", "ReaderStats"]
+
+log = logging.getLogger("beampipe_shm")
+
+_LIVENESS_EVERY = 0.1  # s between producer-liveness checks while idle
+_WRAP = 0xFFFFFFFF
+
+
+def _i64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+class _Attachment:
+    """One mapped producer instance plus the reader record this reader owns in it."""
+
+    def __init__(self, seg: Mapped, mode: int) -> None:
+        self.seg = seg
+        g = seg.geometry
+        for i in range(g.max_readers):
+            if try_lock(seg.fd, L.LOCK_READER_BASE + i):
+                break
+        else:
+            raise ReaderLimitReached(
+                f"stream {seg.name!r}: all {g.max_readers} reader records are taken by live "
+                "readers (Producer(max_readers=...))"
+            )
+        self.index = i
+        self.rec = mmap.mmap(seg.fd, g.record_stride, offset=g.records_off + i * g.record_stride)
+        self.rw = memoryview(self.rec).cast("Q")
+        self.rec[: L.R_CTRL_DATA] = bytes(L.R_CTRL_DATA)  # whatever a dead owner left
+        now = time.monotonic_ns()
+        self.rw[L.R_MODE] = mode
+        self.rw[L.R_OPENED_NS] = now
+        self.rw[L.R_HEARTBEAT_NS] = now
+        self.rw[L.R_GENERATION] = seg.generation
+        store_fence()
+        self.rw[L.R_PID] = os.getpid()
+        self.f64 = memoryview(seg.mm).cast("d")
+        self.slot_word = [(g.slots_off + k * g.slot_stride) // 8 for k in range(g.n_slots)]
+        self.slot_addr = [seg.addr + g.slots_off + k * g.slot_stride for k in range(g.n_slots)]
+        self.refs = [0] * g.n_slots
+        self.retired = False
+        self.notify_addr = seg.addr + L.NOTIFY_OFFSET
+
+    def seq_of(self, k: int) -> int:
+        return int(self.seg.words[self.slot_word[k]])
+
+    def unlease(self, k: int) -> None:
+        self.refs[k] -= 1
+        if self.refs[k] == 0:
+            if not self.retired:
+                self.rw[L.R_LEASES + k] = 0
+            elif not any(self.refs):
+                self._unmap()
+
+    def _unmap(self) -> None:
+        self.rw.release()
+        self.f64.release()
+        self.rec.close()
+        self.seg.close()
+
+    def retire(self) -> None:
+        """Give the record back; frames still held keep the mapping alive until they go."""
+        if self.retired:
+            return
+        self.retired = True
+        self.rw[L.R_WAITING] = 0
+        for k in range(len(self.refs)):
+            self.rw[L.R_LEASES + k] = 0
+        store_fence()
+        self.rw[L.R_PID] = 0
+        unlock(self.seg.fd, L.LOCK_READER_BASE + self.index)
+        if not any(self.refs):
+            self._unmap()
+
+
+class _Lease:
+    __slots__ = ("att", "k", "reader", "released")
+
+    def __init__(self, reader: Reader, att: _Attachment, k: int) -> None:
+        self.reader = reader
+        self.att = att
+        self.k = k
+        self.released = False
+
+    def release(self) -> None:
+        with self.reader._lock:
+            if self.released:
+                return
+            self.released = True
+            self.reader._n_leases -= 1
+            self.att.unlease(self.k)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to release into
+            pass
+
+
+class _View:
+    """What a zero-copy array's ``base`` is: it keeps the lease (and the mapping) alive."""
+
+    __slots__ = ("__array_interface__", "_lease")
+
+    def __init__(self, iface: dict[str, Any], lease: _Lease) -> None:
+        self.__array_interface__ = iface
+        self._lease = lease
+
+
+class Frame:
+    """One frame: named arrays plus per-frame metadata.
+
+    Zero-copy frames hold a lease: the producer will not overwrite the slot until
+    ``release()`` (or the end of a ``with`` block, or the frame and every array
+    taken from it being garbage-collected).  Arrays are read-only.
+    """
+
+    __slots__ = (
+        "_arrays",
+        "_attrs",
+        "_attrs_raw",
+        "_lease",
+        "_specs",
+        "frame_id",
+        "generation",
+        "missed",
+        "publish_ns",
+        "seq",
+        "stream",
+        "timestamp",
+    )
+
+    def __init__(
+        self,
+        stream: str,
+        seq: int,
+        frame_id: int,
+        timestamp: float,
+        publish_ns: int,
+        attrs_raw: bytes,
+        missed: int,
+        generation: int,
+        arrays: dict[str, np.ndarray[Any, Any]],
+        specs: dict[str, tuple[dict[str, Any], L.StreamSpec]] | None,
+        lease: _Lease | None,
+    ) -> None:
+        self.stream = stream
+        self.seq = seq
+        self.frame_id = frame_id
+        self.timestamp = timestamp
+        self.publish_ns = publish_ns
+        self._attrs_raw = attrs_raw
+        self._attrs: dict[str, Any] | None = None
+        self.missed = missed
+        self.generation = generation
+        self._arrays = arrays
+        self._specs = specs
+        self._lease = lease
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Per-frame user attributes (decoded on first use)."""
+        if self._attrs is None:
+            self._attrs = json.loads(self._attrs_raw) if self._attrs_raw else {}
+        return self._attrs
+
+    @property
+    def leased(self) -> bool:
+        """True while this zero-copy frame's slot is protected from the producer."""
+        return self._lease is not None and not self._lease.released
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._specs) if self._specs is not None else list(self._arrays)
+
+    def __getitem__(self, name: str) -> np.ndarray[Any, Any]:
+        a = self._arrays.get(name)
+        if a is not None:
+            return a
+        if self._specs is None or name not in self._specs:
+            raise KeyError(f"stream {self.stream!r} has no array {name!r} (has {self.names})")
+        if self._lease is not None and self._lease.released:
+            raise RuntimeError(
+                f"stream {self.stream!r} frame {self.seq}: released, its slot may be rewritten"
+            )
+        iface, _spec = self._specs[name]
+        assert self._lease is not None
+        a = np.asarray(_View(iface, self._lease))
+        self._arrays[name] = a
+        return a
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray[Any, Any]]:
+        return {n: self[n] for n in self.names}
+
+    def copy(self) -> Frame:
+        """A frame that owns copies of the arrays (no lease): keep it as long as you like."""
+        arrays = {n: np.array(a) for n, a in self.arrays.items()}
+        return Frame(
+            self.stream,
+            self.seq,
+            self.frame_id,
+            self.timestamp,
+            self.publish_ns,
+            self._attrs_raw,
+            self.missed,
+            self.generation,
+            arrays,
+            None,
+            None,
+        )
+
+    def release(self) -> None:
+        """Hand the slot back to the producer; arrays taken from this frame are then stale."""
+        if self._lease is not None:
+            self._lease.release()
+
+    def __enter__(self) -> Frame:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        kind = "leased" if self.leased else ("released" if self._lease else "copy")
+        return (
+            f"<Frame {self.stream!r} seq={self.seq} id={self.frame_id} missed={self.missed} "
+            f"{kind}>"
+        )
+
+
+@dataclass
+class ReaderStats:
+    frames: int = 0  # frames delivered
+    missed: int = 0  # frames published that this reader never got (every-frame: drops)
+    torn: int = 0  # reads discarded because the producer rewrote the slot during them
+    reattached: int = 0  # producer restarts followed
+    generation: int = 0  # producer instance currently attached
+
+
+class Reader:
+    """Read frames of a stream by name.
+
+    ``mode="latest"``: each read returns the newest frame not seen yet (live view,
+    never a backlog).  ``mode="every"``: frames in order; when the reader fell more
+    than ``slots - 1`` frames behind, the ones overwritten are skipped and counted
+    in ``Frame.missed``.  ``copy=False`` gives zero-copy read-only views under a
+    lease; ``copy=True`` copies (no lease, nothing to release).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        mode: Literal["latest", "every"] = "latest",
+        copy: bool = False,
+        expect: Iterable[L.StreamSpec] | L.StreamSpec | None = None,
+        wait: float = 0.0,
+        start: Literal["latest", "oldest", "next"] | None = None,
+        max_leases: int = 2,
+        spin: float = 20e-6,
+        reattach: bool = True,
+    ) -> None:
+        self.name = L.check_name(name)
+        if mode not in ("latest", "every"):
+            raise ValueError(f"stream {name!r}: mode must be 'latest' or 'every', got {mode!r}")
+        if start not in (None, "latest", "oldest", "next"):
+            raise ValueError(f"stream {name!r}: start must be 'latest', 'oldest' or 'next'")
+        if max_leases < 1:
+            raise ValueError(f"stream {name!r}: max_leases must be >= 1")
+        self.mode = mode
+        self._mode = L.MODE_EVERY if mode == "every" else L.MODE_LATEST
+        self.copy = bool(copy)
+        if isinstance(expect, L.StreamSpec):
+            expect = [expect]
+        self._expect = list(expect) if expect is not None else None
+        self.max_leases = max_leases
+        self.spin = float(spin)
+        self.reattach = reattach
+        self.stats = ReaderStats()
+        self._lock = threading.RLock()
+        self._n_leases = 0
+        self._closed = False
+        self._next_liveness = 0.0
+        deadline = time.monotonic() + max(0.0, float(wait))
+        while True:
+            try:
+                seg = open_segment(self.name)
+                break
+            except StreamNotFound:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+        self._att = self._attach(seg)
+        self._last = 0  # seq of the last frame delivered in this generation
+        self._position(start or "latest")
+
+    # ------------------------------------------------------------------ attach
+    def _attach(self, seg: Mapped) -> _Attachment:
+        try:
+            seg.schema.check(self._expect, self.name)
+            att = _Attachment(seg, self._mode)
+        except BaseException:
+            seg.close()
+            raise
+        self.schema = seg.schema
+        self.stats.generation = seg.generation
+        self._build_specs(att)
+        return att
+
+    def _build_specs(self, att: _Attachment) -> None:
+        g = att.seg.geometry
+        self._layout = [
+            (i, spec, off) for i, (spec, off) in enumerate(zip(self.schema.streams, g.stream_offsets))
+        ]
+
+    def _position(self, start: str) -> None:
+        latest = self._att.seg.words[L.H_LATEST] >> 8
+        if start == "next":
+            self._last = latest
+        elif start == "oldest":
+            seqs = [self._att.seq_of(k) for k in range(self._att.seg.geometry.n_slots)]
+            stable = [s // 2 for s in seqs if s and s % 2 == 0]
+            self._last = (min(stable) - 1) if stable else latest
+        else:
+            self._last = max(0, latest - 1)
+        self._att.rw[L.R_LAST_SEQ] = self._last
+
+    def _try_reattach(self) -> bool:
+        """Follow a restarted producer: a different segment under the same name."""
+        if not self.reattach:
+            return False
+        try:
+            seg = open_segment(self.name)
+        except StreamNotFound:
+            return False
+        if seg.ino == self._att.seg.ino:
+            seg.close()
+            return False
+        old = self._att
+        self._att = self._attach(seg)  # SchemaMismatch propagates: the user must decide
+        with self._lock:
+            old.retire()
+        self.stats.reattached += 1
+        self._last = 0  # frames of the new generation count from 1
+        log.info("stream %r: producer restarted (generation %d), reattached", self.name, seg.generation)
+        return True
+
+    @property
+    def generation(self) -> int:
+        return self._att.seg.generation
+
+    @property
+    def producer_alive(self) -> bool:
+        return self._att.seg.producer_alive()
+
+    @property
+    def producer_closed(self) -> bool:
+        """The producer ended the stream cleanly (``Producer.close()``)."""
+        return bool(self._att.seg.words[L.H_STATE] == L.STATE_CLOSED)
+
+    # ------------------------------------------------------------------ reading
+    def read(self, timeout: float | None = None) -> Frame | None:
+        """The next frame by this reader's mode, or None after ``timeout`` s (0: don't wait).
+
+        ``timeout=None`` waits as long as it takes.
+        """
+        if self._closed:
+            raise RuntimeError(f"stream {self.name!r}: reader is closed")
+        f = self._poll()
+        if f is not None or timeout == 0:
+            return f
+        return self._wait(timeout)
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self.frames()
+
+    def frames(self, timeout: float | None = None) -> Iterator[Frame]:
+        """Yield frames until the producer closes the stream (or ``timeout`` s without one)."""
+        t_last = time.monotonic()
+        while True:
+            f = self.read(timeout=0.05 if timeout is None else min(timeout, 0.05))
+            if f is not None:
+                yield f
+                t_last = time.monotonic()
+                continue
+            if self.producer_closed and self._poll_peek_empty() and not self._try_reattach():
+                return
+            if timeout is not None and time.monotonic() - t_last >= timeout:
+                return
+
+    def _poll_peek_empty(self) -> bool:
+        return bool((self._att.seg.words[L.H_LATEST] >> 8) <= self._last)
+
+    def _wait(self, timeout: float | None) -> Frame | None:
+        now = time.monotonic()
+        deadline = None if timeout is None else now + max(0.0, timeout)
+        spin_end = now + self.spin if deadline is None else min(deadline, now + self.spin)
+        words = self._att.seg.words
+        latest = words[L.H_LATEST]
+        while time.monotonic() < spin_end:
+            if words[L.H_LATEST] != latest:
+                f = self._poll()
+                if f is not None:
+                    return f
+                latest = words[L.H_LATEST]
+        while True:
+            att = self._att
+            words = att.seg.words
+            v = words[L.H_NOTIFY]
+            att.rw[L.R_WAITING] = 1
+            fence()  # waiting flag before we look for frames (Dekker with Producer._commit)
+            f = self._poll()
+            if f is not None:
+                att.rw[L.R_WAITING] = 0
+                return f
+            now = time.monotonic()
+            if now >= self._next_liveness or words[L.H_STATE] != L.STATE_LIVE:
+                self._next_liveness = now + _LIVENESS_EVERY
+                if not att.seg.producer_alive() and self._try_reattach():
+                    att.rw[L.R_WAITING] = 0
+                    continue
+            remaining = _LIVENESS_EVERY if deadline is None else deadline - now
+            if remaining <= 0:
+                att.rw[L.R_WAITING] = 0
+                return None
+            futex_wait(att.notify_addr, v, min(remaining, _LIVENESS_EVERY))
+            att.rw[L.R_WAITING] = 0
+
+    def _poll(self) -> Frame | None:
+        att = self._att
+        att.rw[L.R_HEARTBEAT_NS] = time.monotonic_ns()
+        words = att.seg.words
+        for _ in range(64):  # bounded: each retry means the producer moved on meanwhile
+            lat = words[L.H_LATEST]
+            n = lat >> 8
+            if n <= self._last:
+                return None
+            if self._mode == L.MODE_LATEST:
+                k = lat & 0xFF
+                if att.seq_of(k) != 2 * n:
+                    continue
+                f = self._take(att, k, n, n - self._last - 1)
+            else:
+                want = self._last + 1
+                best_k, best_n = -1, 0
+                for k in range(len(att.slot_word)):
+                    s = att.seq_of(k)
+                    if s and not s & 1:
+                        fn = s >> 1
+                        if want <= fn <= n and (best_n == 0 or fn < best_n):
+                            best_k, best_n = k, fn
+                if best_k < 0:
+                    continue
+                f = self._take(att, best_k, best_n, best_n - want)
+            if f is not None:
+                self._last = f.seq
+                st = self.stats
+                st.frames += 1
+                st.missed += f.missed
+                rw = att.rw
+                rw[L.R_LAST_SEQ] = f.seq
+                rw[L.R_FRAMES] = st.frames
+                rw[L.R_MISSED] = st.missed
+                return f
+        return None
+
+    def _take(self, att: _Attachment, k: int, n: int, missed: int) -> Frame | None:
+        s = 2 * n
+        words = att.seg.words
+        sw = att.slot_word[k]
+        if self.copy:
+            load_fence()
+            f = self._build(att, k, n, missed, None)
+            load_fence()  # the copies before the re-check of the sequence
+            if words[sw] != s:
+                self.stats.torn += 1
+                att.rw[L.R_TORN] = self.stats.torn
+                return None
+            return f
+        with self._lock:
+            if self._n_leases >= self.max_leases:
+                raise LeaseLimitReached(
+                    f"stream {self.name!r}: this reader already holds {self._n_leases} zero-copy "
+                    "frames; release() them (or use `with frame:`), raise max_leases, or read "
+                    "with copy=True"
+                )
+            if att.refs[k] == 0:
+                att.rw[L.R_LEASES + k] = s
+                fence()  # our lease before we re-read the sequence (Dekker with Producer._claim)
+                if words[sw] != s:
+                    att.rw[L.R_LEASES + k] = 0
+                    self.stats.torn += 1
+                    return None
+            elif words[sw] != s:  # we lease this slot already, so it cannot have changed
+                return None
+            att.refs[k] += 1
+            self._n_leases += 1
+            lease = _Lease(self, att, k)
+        return self._build(att, k, n, missed, lease)
+
+    def _build(self, att: _Attachment, k: int, n: int, missed: int, lease: _Lease | None) -> Frame:
+        words = att.seg.words
+        sw = att.slot_word[k]
+        base = att.slot_addr[k]
+        alen = words[sw + L.S_ATTRS_LEN]
+        raw = b""
+        if alen:
+            off = att.seg.geometry.slots_off + k * att.seg.geometry.slot_stride + L.SLOT_FIXED
+            raw = bytes(att.seg.mm[off : off + min(alen, att.seg.geometry.attrs_bytes)])
+        specs: dict[str, tuple[dict[str, Any], L.StreamSpec]] = {}
+        arrays: dict[str, np.ndarray[Any, Any]] = {}
+        for i, spec, off in self._layout:
+            shape = spec.shape
+            if spec.variable:
+                rows = min(int(words[sw + L.S_LEAD + i]), shape[0])
+                shape = (rows, *shape[1:])
+            iface = {
+                "shape": shape,
+                "typestr": spec.dtype.str,
+                "descr": spec.dtype.descr,
+                "data": (base + off, True),
+                "version": 3,
+            }
+            if lease is None:
+                view = np.asarray(_View(iface, None))  # type: ignore[arg-type]
+                arrays[spec.name] = view.copy()
+            else:
+                specs[spec.name] = (iface, spec)
+        return Frame(
+            self.name,
+            n,
+            _i64(int(words[sw + L.S_FRAME_ID])),
+            att.f64[sw + L.S_TIMESTAMP],
+            int(words[sw + L.S_PUBLISH_NS]),
+            raw,
+            missed,
+            att.seg.generation,
+            arrays,
+            specs if lease is not None else None,
+            lease,
+        )
+
+    # ------------------------------------------------------------------ control
+    def send_control(self, kind: int, data: bytes = b"") -> None:
+        """Send the producer a message (it reads them with ``Producer.poll_control()``)."""
+        if not isinstance(kind, int) or not 0 <= kind < _WRAP:
+            raise ValueError(f"stream {self.name!r}: control kind must be 0..2**32-2")
+        data = bytes(data)
+        att = self._att
+        rw = att.rw
+        cap = att.seg.geometry.record_stride - L.R_CTRL_DATA
+        need = 8 + L.round_up(len(data), 8)
+        if need > cap:
+            raise ControlRingFull(
+                f"stream {self.name!r}: control message of {len(data)} bytes > ring of {cap}"
+            )
+        head, tail = rw[L.R_CTRL_HEAD], rw[L.R_CTRL_TAIL]
+        pos = head % cap
+        pad = cap - pos if cap - pos < need else 0
+        if head + pad + need - tail > cap:
+            raise ControlRingFull(
+                f"stream {self.name!r}: the producer has not read {head - tail} bytes of control "
+                "messages yet"
+            )
+        if pad:
+            struct.pack_into("II", att.rec, L.R_CTRL_DATA + pos, _WRAP, 0)
+            pos = 0
+        struct.pack_into("II", att.rec, L.R_CTRL_DATA + pos, len(data), kind)
+        att.rec[L.R_CTRL_DATA + pos + 8 : L.R_CTRL_DATA + pos + 8 + len(data)] = data
+        store_fence()
+        rw[L.R_CTRL_HEAD] = head + pad + need
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Give back the reader record and every lease (frames still held become stale)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._att.retire()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Reader {self.name!r} mode={self.mode} copy={self.copy} last={self._last}>"

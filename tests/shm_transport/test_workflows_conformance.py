@@ -1,0 +1,51 @@
+"""The transport conformance suite, run on ShmTransport and on PikaTransport + real RabbitMQ."""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _load_suite() -> Any:
+    # The suite is a plain module next to this file (pytest's importlib mode puts no test
+    # directory on sys.path); worker processes run the same file as a script.
+    name = "beampipe_shm_transport_conformance"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("transport_conformance.py")
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+suite = _load_suite()
+
+
+class TestShmTransport(suite.Conformance):
+    @pytest.fixture
+    def backend(self) -> Iterator[Any]:
+        b = suite.ShmBackend(f"t{secrets.token_hex(4)}")
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.mark.broker
+class TestPikaTransport(suite.Conformance):
+    @pytest.fixture
+    def backend(self, rabbitmq: Any) -> Iterator[Any]:
+        b = suite.PikaBackend(rabbitmq)
+        try:
+            yield b
+        finally:
+            b.close()
