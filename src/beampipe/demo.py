@@ -60,6 +60,9 @@ def _core_scan(ctx: DemoContext) -> None:
     if abs(peak[0] - 1.0) > 1e-6:
         raise SystemExit("demo failed: the detector peak is not where the IOC puts it")
     ctx.results["scan_uid"] = uid
+    # Drop the channels before the IOC goes, or libca reports the circuit it loses.
+    mot.destroy()
+    det.destroy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from ._errors import (
     ShmError,
     StreamNotFound,
 )
+from ._inspect import ReaderInfo, StreamInfo, inspect, list_streams
 from ._layout import Schema, StreamSpec
 from ._producer import ControlMessage, Producer, WritableFrame
 from ._reader import Frame, Reader, ReaderStats
@@ -31,12 +32,16 @@ __all__ = [
     "NameInUse",
     "Producer",
     "Reader",
+    "ReaderInfo",
     "ReaderLimitReached",
     "ReaderStats",
     "Schema",
     "SchemaMismatch",
     "ShmError",
+    "StreamInfo",
     "StreamNotFound",
     "StreamSpec",
     "WritableFrame",
+    "inspect",
+    "list_streams",
 ]

@@ -31,6 +31,7 @@ VERSION = 1
 PREFIX = "bp."
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 
 MAX_SLOTS = 64
 MAX_STREAMS = 32
@@ -149,7 +150,7 @@ class StreamSpec:
     variable: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_.\-]*$", self.name):
+        if not isinstance(self.name, str) or not _FIELD_RE.match(self.name):
             raise ValueError(f"stream name {self.name!r} must be an identifier-like string")
         try:
             dt = np.dtype(self.dtype)

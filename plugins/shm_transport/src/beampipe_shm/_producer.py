@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -265,10 +266,8 @@ class Producer:
             os.close(fd)
 
     def _discard(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
         os.close(self._fd)
         self._fd = -1
 
@@ -295,10 +294,9 @@ class Producer:
         self._leases = self._rec_cols = np.empty(0, np.uint64)
         self._words.release()
         self._f64.release()
-        try:
+        # the caller kept a slot view; the mapping goes with it
+        with contextlib.suppress(BufferError):
             self._mm.close()
-        except BufferError:
-            pass  # the caller kept a slot view; the mapping goes with it
 
     def __enter__(self) -> Producer:
         return self
@@ -334,9 +332,7 @@ class Producer:
         seq = self._seq + 1
         k = self._claim(seq)
         full = self._views[k] if k is not None else self._scratch
-        arrays = {
-            n: (a[: row_counts[n]] if n in row_counts else a) for n, a in full.items()
-        }
+        arrays = {n: (a[: row_counts[n]] if n in row_counts else a) for n, a in full.items()}
         wf = WritableFrame(self, k, seq, arrays, row_counts, frame_id, dict(attrs or {}))
         self._open = wf
         return wf
@@ -349,7 +345,7 @@ class Producer:
         timestamp: float | None = None,
         attrs: Mapping[str, Any] | None = None,
     ) -> int | None:
-        """Copy arrays into a slot and publish them; returns the frame's sequence or None if dropped.
+        """Copy arrays into a slot and publish them: the frame's sequence, or None if dropped.
 
         A bare array is accepted when the schema has one stream.
         """
@@ -420,13 +416,13 @@ class Producer:
     def _claim(self, seq: int) -> int | None:
         """Pick a slot nobody leases and mark it being written (odd sequence)."""
         g = self.geometry
-        leased = self._leases.any(axis=0)
+        leased = np.asarray(self._leases.any(axis=0))
         cols = self._rec_cols
         every = bool(((cols[:, L.R_PID] != 0) & (cols[:, L.R_MODE] == L.MODE_EVERY)).any())
         cands = [k for k in range(g.n_slots) if k != self._latest_k and not leased[k]]
         if not cands:
             self._reclaim(force=True)
-            leased = self._leases.any(axis=0)
+            leased = np.asarray(self._leases.any(axis=0))
             cands = [k for k in range(g.n_slots) if k != self._latest_k and not leased[k]]
         # Every-frame readers present: oldest first, they get n_slots-1 frames of slack.
         # Only live-view readers: the most recently written free slot, still in cache.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -115,10 +116,8 @@ class _Lease:
             self.att.unlease(self.k)
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.release()
-        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to release into
-            pass
 
 
 class _View:
@@ -253,8 +252,7 @@ class Frame:
     def __repr__(self) -> str:
         kind = "leased" if self.leased else ("released" if self._lease else "copy")
         return (
-            f"<Frame {self.stream!r} seq={self.seq} id={self.frame_id} missed={self.missed} "
-            f"{kind}>"
+            f"<Frame {self.stream!r} seq={self.seq} id={self.frame_id} missed={self.missed} {kind}>"
         )
 
 
@@ -339,9 +337,8 @@ class Reader:
 
     def _build_specs(self, att: _Attachment) -> None:
         g = att.seg.geometry
-        self._layout = [
-            (i, spec, off) for i, (spec, off) in enumerate(zip(self.schema.streams, g.stream_offsets))
-        ]
+        pairs = zip(self.schema.streams, g.stream_offsets, strict=True)
+        self._layout = [(i, spec, off) for i, (spec, off) in enumerate(pairs)]
 
     def _position(self, start: str) -> None:
         latest = self._att.seg.words[L.H_LATEST] >> 8
@@ -372,7 +369,9 @@ class Reader:
             old.retire()
         self.stats.reattached += 1
         self._last = 0  # frames of the new generation count from 1
-        log.info("stream %r: producer restarted (generation %d), reattached", self.name, seg.generation)
+        log.info(
+            "stream %r: producer restarted (generation %d), reattached", self.name, seg.generation
+        )
         return True
 
     @property

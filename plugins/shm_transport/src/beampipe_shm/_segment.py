@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -33,7 +34,9 @@ class Mapped:
     addr: int
 
     def slot_word(self, k: int, word: int) -> int:
-        return int(self.words[(self.geometry.slots_off + k * self.geometry.slot_stride) // 8 + word])
+        return int(
+            self.words[(self.geometry.slots_off + k * self.geometry.slot_stride) // 8 + word]
+        )
 
     def producer_alive(self) -> bool:
         if self.words[L.H_STATE] != L.STATE_LIVE:
@@ -42,10 +45,9 @@ class Mapped:
 
     def close(self) -> None:
         self.words.release()
-        try:
+        # arrays a user still holds pin the mapping; it goes when they do
+        with contextlib.suppress(BufferError):
             self.mm.close()
-        except BufferError:
-            pass  # arrays a user still holds pin the mapping; it goes when they do
         os.close(self.fd)
 
 

@@ -1,0 +1,157 @@
+"""The ophyd-async side: ophyd-async's own CA backend with its reads and connects batched.
+
+Subclassing ophyd-async's ``CaSignalBackend`` keeps everything users rely on
+(its converters, datatype checks, enum handling, puts and monitors through
+aioca) and replaces only the per-signal ``caget`` round trips: the initial
+FORMAT_CTRL read at connect and every ``get_value``/``get_reading``/
+``get_datakey`` go through beampipe's Coalescer, so a ``Device.connect`` or a
+``gather`` over 200 signals is one wire batch.  The values are decoded by
+epicscorelibs' own ``dbr`` code, exactly as aioca decodes them, so the
+converters see the objects they were written for.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from aioca import FORMAT_CTRL
+from aioca.types import AugmentedValue, Format
+from ophyd_async.core import (
+    DEFAULT_TIMEOUT,
+    NotConnectedError,
+    SignalDatatypeT,
+    SignalR,
+    SignalRW,
+    SignalW,
+    SignalX,
+)
+from ophyd_async.epics.core import EpicsOptions
+from ophyd_async.epics.core._aioca import CaSignalBackend as _AiocaSignalBackend
+
+from beampipe import Failed, Ok, Outcome
+
+from ._libca import context
+
+__all__ = [
+    "CaSignalBackend",
+    "ca_signal_r",
+    "ca_signal_rw",
+    "ca_signal_rw_rbv",
+    "ca_signal_w",
+    "ca_signal_x",
+]
+
+
+def _value(outcome: Outcome[Any], pv: str) -> AugmentedValue:
+    if isinstance(outcome, Ok):
+        value: AugmentedValue = outcome.value
+        return value
+    assert isinstance(outcome, Failed)
+    raise NotConnectedError(f"ca://{pv}: {outcome.reason}")
+
+
+class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
+    """ophyd-async's CA backend with connects and reads batched over the shared libca context."""
+
+    protocol: ClassVar[str] = "ca"
+    #: How long a read waits for a disconnected PV to come back before it raises
+    #: (aioca would wait forever; a plan should fail with the PV's name instead).
+    read_timeout: ClassVar[float] = 10.0
+
+    async def connect(self, timeout: float) -> None:
+        # Attach this loop's thread to the shared context before aioca (puts, monitors)
+        # first runs here, so aioca adopts it instead of making a second context.
+        context().attach()
+        await super().connect(timeout)
+
+    async def _read(self, pv: str, datatype: Any, fmt: Format, timeout: float) -> AugmentedValue:
+        ctx = context()
+        chan = ctx.channel(pv)
+        if not chan.connected.is_set() and await ctx.wait_connected_async([chan], timeout):
+            raise NotConnectedError(f"ca://{pv}: not connected within {timeout:g} s")
+        return _value(await ctx.reads.get_async("aug", (pv, datatype, fmt), timeout), pv)
+
+    async def _store_initial_value(self, pv: str, timeout: float) -> None:
+        self.initial_values[pv] = await self._read(pv, None, FORMAT_CTRL, timeout)
+
+    async def _caget(self, pv: str, format: Format) -> AugmentedValue:  # noqa: A002 - base name
+        return await self._read(pv, self.converter.read_dbr, format, self.read_timeout)
+
+
+def _backend(
+    datatype: type[SignalDatatypeT] | None,
+    read_pv: str,
+    write_pv: str,
+    options: EpicsOptions | None = None,
+) -> CaSignalBackend[SignalDatatypeT]:
+    pvs = []
+    for pv in (read_pv, write_pv):
+        if not isinstance(pv, str) or not pv:
+            raise ValueError(f"PV name must be a non-empty str, got {pv!r}")
+        scheme, sep, bare = pv.partition("://")
+        if sep and scheme != "ca":
+            raise ValueError(f"{pv}: beampipe-ca serves ca:// PVs only, not {scheme}://")
+        pvs.append(bare if sep else pv)
+    return CaSignalBackend(datatype, pvs[0], pvs[1], options)
+
+
+def ca_signal_rw(
+    datatype: type[SignalDatatypeT],
+    read_pv: str,
+    write_pv: str | None = None,
+    name: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    attempts: int = 1,
+    wait: bool | Callable[[SignalDatatypeT], bool] = True,
+) -> SignalRW[SignalDatatypeT]:
+    """``epics_signal_rw`` over beampipe-ca."""
+    backend = _backend(datatype, read_pv, write_pv or read_pv, EpicsOptions(wait=wait))
+    return SignalRW(backend, name=name, timeout=timeout, attempts=attempts)
+
+
+def ca_signal_rw_rbv(
+    datatype: type[SignalDatatypeT],
+    write_pv: str,
+    read_suffix: str = "_RBV",
+    name: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    attempts: int = 1,
+    wait: bool | Callable[[SignalDatatypeT], bool] = True,
+) -> SignalRW[SignalDatatypeT]:
+    """``epics_signal_rw_rbv`` over beampipe-ca (``X.FIELD`` reads back from ``X_RBV.FIELD``)."""
+    base, dot, field = write_pv.partition(".")
+    read_pv = f"{base}{read_suffix}.{field}" if dot else f"{write_pv}{read_suffix}"
+    return ca_signal_rw(datatype, read_pv, write_pv, name, timeout, attempts, wait)
+
+
+def ca_signal_r(
+    datatype: type[SignalDatatypeT],
+    read_pv: str,
+    name: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+) -> SignalR[SignalDatatypeT]:
+    """``epics_signal_r`` over beampipe-ca."""
+    return SignalR(_backend(datatype, read_pv, read_pv), name=name, timeout=timeout)
+
+
+def ca_signal_w(
+    datatype: type[SignalDatatypeT],
+    write_pv: str,
+    name: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    attempts: int = 1,
+    wait: bool | Callable[[SignalDatatypeT], bool] = True,
+) -> SignalW[SignalDatatypeT]:
+    """``epics_signal_w`` over beampipe-ca."""
+    backend = _backend(datatype, write_pv, write_pv, EpicsOptions(wait=wait))
+    return SignalW(backend, name=name, timeout=timeout, attempts=attempts)
+
+
+def ca_signal_x(write_pv: str, name: str = "", timeout: float = DEFAULT_TIMEOUT) -> SignalX:
+    """``epics_signal_x`` over beampipe-ca: triggering writes the PV's initial value back."""
+    backend: CaSignalBackend[Any] = _backend(None, write_pv, write_pv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return SignalX(backend, name=name, timeout=timeout)

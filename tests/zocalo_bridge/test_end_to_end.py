@@ -1,0 +1,208 @@
+"""RunEngine scan -> ZocaloCallback -> BeampipeDispatcher -> BeampipeFrameAnalysis -> ZocaloResults.
+
+Everything real: RabbitMQ on loopback, the services as ``zocalo.service -s``
+subprocesses, bluesky's RunEngine, an ophyd-async device awaiting the results.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import numpy as np
+import pytest
+from bluesky.plans import count, scan
+from ophyd.sim import SynAxis, SynSignal
+from ophyd_async.plan_stubs import ensure_connected
+
+from beampipe_zocalo import (
+    DocumentForwarder,
+    PikaPublisher,
+    ReliableSender,
+    ResultsListener,
+    TriggerRule,
+    ZocaloCallback,
+    ZocaloResults,
+    ZocaloResultsTimeout,
+)
+
+from .conftest import wait_consumers
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+SHAPE = (12, 20)
+
+
+def spot(x: float) -> np.ndarray:
+    """A Gaussian spot whose column centroid is 8 + x: the analysis must find it there."""
+    rows, cols = np.indices(SHAPE, dtype=float)
+    return 100.0 * np.exp(-((cols - 8.0 - x) ** 2 + (rows - 5.0) ** 2) / 2.0)
+
+
+def analysis_recipe(analysis_queue: str) -> dict[str, Any]:
+    return {
+        "1": {
+            "service": "BeampipeFrameAnalysis",
+            "queue": analysis_queue,
+            "parameters": {
+                "frame": "{$REPLACE:frame}",
+                "run_uid": "{beampipe_run_uid}",
+                "trigger_id": "{beampipe_trigger_id}",
+            },
+            "output": 2,
+        },
+        "2": {"queue": "{beampipe_reply_to}"},
+        "start": [[1, []]],
+    }
+
+
+def frame_rule(analysis_queue: str, tag: str) -> TriggerRule:
+    return TriggerRule(
+        name="frames",
+        on=("event",),
+        custom_recipe=analysis_recipe(analysis_queue),
+        parameters={"frame": "event.data.cam", "ispyb_dcid": "start.ispyb_dcid"},
+        match={"bptest": tag},
+    )
+
+
+def run_engine_read(run_engine: Any, device: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def plan() -> Any:
+        out.update((yield from bps.read(device)))
+        for sig in (device.run_uid,):
+            out[sig.name] = {"value": (yield from bps.rd(sig))}
+
+    run_engine(plan())
+    return out
+
+
+def make_devices() -> tuple[SynAxis, SynSignal]:
+    motor = SynAxis(name="mot")
+    cam = SynSignal(func=lambda: spot(motor.readback.get()), name="cam")
+    return motor, cam
+
+
+def test_scan_triggers_recipe_and_plan_gets_results(
+    run_engine: Any, broker: Any, queues: Any, services: Any, tmp_path: Path
+) -> None:
+    processing, analysis = queues("processing"), queues("analysis")
+    dispatcher = services("BeampipeDispatcher", processing_queue=processing)
+    analyser = services("BeampipeFrameAnalysis", analysis_queue=analysis)
+    wait_consumers(queues, processing, service=dispatcher)
+    wait_consumers(queues, analysis, service=analyser)
+
+    tag = secrets.token_hex(4)
+    listener = ResultsListener(broker=broker, queue=queues("results")).start()
+    sender = ReliableSender(PikaPublisher(broker), fallback=tmp_path / "fallback.jsonl")
+    try:
+        cb = ZocaloCallback([frame_rule(analysis, tag)], sender, queue=processing,
+                            reply_to=listener.queue)
+        results = ZocaloResults(listener, cb, rules=["frames"], timeout=30, name="zocalo")
+        run_engine(ensure_connected(results))
+        motor, cam = make_devices()
+        readings: list[dict[str, Any]] = []
+
+        def plan() -> Any:
+            yield from scan([cam], motor, -2, 2, 5, md={"ispyb_dcid": 1234, "bptest": tag})
+            # dodal's pattern: results read in a later run that triggers nothing itself.
+            yield from count([results])
+
+        token = run_engine.subscribe(cb)
+        try:
+            run_engine(plan(), lambda n, d: readings.append(d) if n == "event" else None)
+        finally:
+            run_engine.unsubscribe(token)
+        assert sender.flush(10)
+        assert sender.stats.sent == 5 and sender.stats.to_fallback == 0
+
+        (event,) = [d for d in readings if "zocalo-count" in d["data"]]
+        assert event["data"]["zocalo-count"] == 5
+        np.testing.assert_allclose(event["data"]["zocalo-centroid_x"], [6, 7, 8, 9, 10], atol=1e-6)
+        np.testing.assert_allclose(event["data"]["zocalo-centroid_y"], [5] * 5, atol=1e-6)
+        assert listener.duplicates == 0 and not listener.rejected
+        assert not (tmp_path / "fallback.jsonl").exists()
+
+        # A second run's trigger waits for *its* results, never the first run's.
+        first_run = cb.last_triggered
+        run_engine(scan([cam], motor, 0, 1, 2, md={"ispyb_dcid": 5, "bptest": tag}), cb)
+        assert cb.last_triggered not in (None, first_run)
+        run_engine(bps.trigger(results, wait=True))
+        reading = run_engine_read(run_engine, results)
+        assert reading["zocalo-count"]["value"] == 2
+        np.testing.assert_allclose(reading["zocalo-centroid_x"]["value"], [8, 9], atol=1e-6)
+        assert reading["zocalo-run_uid"]["value"] == cb.last_triggered
+    finally:
+        listener.close()
+        sender.close()
+        dispatcher.stop()
+        analyser.stop()
+
+
+def test_results_timeout_names_run_and_queue(run_engine: Any, broker: Any, queues: Any) -> None:
+    """No services running: trigger() fails after the timeout with a reason, it does not hang."""
+    listener = ResultsListener(broker=broker, queue=queues("results")).start()
+    sender = ReliableSender(PikaPublisher(broker))
+    try:
+        processing = queues("processing")
+        cb = ZocaloCallback([frame_rule(queues("analysis"), "t")], sender, queue=processing,
+                            reply_to=listener.queue)
+        results = ZocaloResults(listener, cb, timeout=1.0, name="zocalo")
+        run_engine(ensure_connected(results))
+        motor, cam = make_devices()
+        run_engine(scan([cam], motor, 0, 1, 2, md={"ispyb_dcid": 1, "bptest": "t"}))
+        with pytest.raises(ZocaloResultsTimeout, match=r"0 of 2 results for run .*results"):
+            run_engine(bps.trigger(results, wait=True))
+        assert sender.flush(10) and sender.stats.sent == 2
+        # The requests are on the broker, intact, with zocalo.go headers.
+        msgs = queues.get_all(processing, expect=2)
+        assert len(msgs) == 2
+        for props, body in msgs:
+            assert props.headers["zocalo.go.user"] and props.headers["zocalo.go.host"]
+            msg = json.loads(body)
+            assert msg["parameters"]["ispyb_dcid"] == 1
+            assert msg["parameters"]["beampipe_reply_to"] == listener.queue
+            assert np.asarray(msg["parameters"]["frame"]).shape == SHAPE
+    finally:
+        listener.close()
+        sender.close()
+
+
+def test_document_forwarder_and_trigger_service(
+    run_engine: Any, broker: Any, queues: Any, services: Any, tmp_path: Path
+) -> None:
+    """Rules applied away from the RunEngine: documents -> BeampipeDocumentTrigger -> requests."""
+    docs, processing = queues("documents"), queues("processing")
+    tag = secrets.token_hex(4)
+    rules_file = tmp_path / "rules.json"
+    rules_file.write_text(json.dumps([
+        {"name": "xia2", "recipes": ["example-xia2"], "on": ["start", "end"],
+         "match": {"bptest": tag},
+         "parameters": {"ispyb_dcid": "start.ispyb_dcid",
+                        "n_frames": {"path": "stop.num_events.primary", "default": None}}},
+    ]))
+    trigger = services("BeampipeDocumentTrigger", documents_queue=docs,
+                       processing_queue=processing, rules=str(rules_file))
+    wait_consumers(queues, docs, service=trigger)
+    sender = ReliableSender(PikaPublisher(broker))
+    try:
+        fwd = DocumentForwarder(sender, queue=docs)
+        motor, cam = make_devices()
+        run_engine(scan([cam], motor, 0, 1, 3, md={"ispyb_dcid": 77, "bptest": tag}), fwd)
+        assert sender.flush(10)
+        msgs = queues.get_all(processing, expect=2, timeout=20)
+        bodies = sorted((json.loads(b) for _, b in msgs), key=lambda m: m["parameters"]["event"])
+        assert [m["parameters"]["event"] for m in bodies] == ["end", "start"]
+        assert all(m["recipes"] == ["example-xia2"] for m in bodies)
+        assert bodies[0]["parameters"]["n_frames"] == 3
+        assert bodies[1]["parameters"]["n_frames"] is None
+        assert {m["parameters"]["ispyb_dcid"] for m in bodies} == {77}
+        # The user who ran the scan, not the service account, is in the headers.
+        assert all(p.headers["zocalo.go.user"] for p, _ in msgs)
+    finally:
+        sender.close()
+        trigger.stop()
