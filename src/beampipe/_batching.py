@@ -19,9 +19,9 @@ still a fresh read because it is issued after all of them were made.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 __all__ = [
     "Batch",
@@ -67,8 +67,7 @@ class Batch(Generic[K]):
     keys: tuple[K, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery(Generic[V]):
+class Delivery(NamedTuple, Generic[V]):
     """An outcome for one ticket, to hand back to the caller that holds it."""
 
     ticket: Ticket
@@ -129,6 +128,31 @@ class Planner(Generic[K, V]):
         self._requests[ticket] = _Request(ticket, op, key, route, deadline)
         self._pending.setdefault((op, route), []).append(ticket)
         return ticket
+
+    def request_many(
+        self, op: str, keys: Iterable[K], *, deadline: float, route: Callable[[K], Hashable]
+    ) -> list[tuple[Ticket, K]]:
+        """Queue many requests at once: what :meth:`request` does, without its per-call cost."""
+        if not isinstance(op, str) or not op:
+            raise ValueError(f"op must be a non-empty string, got {op!r}")
+        out: list[tuple[Ticket, K]] = []
+        requests, pending = self._requests, self._pending
+        ticket = self._next_ticket
+        try:
+            for key in keys:
+                where = route(key)
+                group = pending.get((op, where))
+                if group is None:
+                    group = pending[(op, where)] = []
+                requests[ticket] = _Request(ticket, op, key, where, deadline)
+                group.append(ticket)
+                out.append((ticket, key))
+                ticket += 1
+        except TypeError as exc:
+            raise TypeError(f"keys and routes must be hashable: {exc}") from exc
+        finally:
+            self._next_ticket = ticket
+        return out
 
     def cancel(self, ticket: Ticket) -> bool:
         """Forget a request whose caller gave up; returns whether it was still open."""

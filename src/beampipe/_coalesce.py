@@ -14,7 +14,6 @@ single loop turn.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -36,18 +35,44 @@ class BatchIO(Protocol[K, V]):
         ...
 
 
-class _AsyncSink:
+class _Waiter(Generic[K, V]):
+    """One caller's wait for a set of keys: one wake-up per call, not one future per key."""
+
+    __slots__ = ("keys", "remaining", "results")
+
+    def __init__(self) -> None:
+        self.keys: dict[Ticket, K] = {}
+        self.results: dict[K, Outcome[V]] = {}
+        self.remaining = 0
+
+    def deliver(self, ticket: Ticket, outcome: Outcome[V]) -> bool:
+        """Record one outcome (under the coalescer's lock); True when the last one arrived."""
+        self.results[self.keys[ticket]] = outcome
+        self.remaining -= 1
+        return self.remaining == 0
+
+
+class _SyncWaiter(_Waiter[K, V]):
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+
+class _AsyncWaiter(_Waiter[K, V]):
     __slots__ = ("future", "loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.loop = loop
-        self.future = future
+        self.future: asyncio.Future[dict[K, Outcome[V]]] = loop.create_future()
 
 
-def _resolve_all(items: list[tuple[asyncio.Future[Any], Outcome[Any]]]) -> None:
-    for future, outcome in items:
-        if not future.done():
-            future.set_result(outcome)
+def _finish_all(waiters: list[_AsyncWaiter[Any, Any]]) -> None:
+    for waiter in waiters:
+        if not waiter.future.done():
+            waiter.future.set_result(waiter.results)
 
 
 class Coalescer(Generic[K, V]):
@@ -67,15 +92,16 @@ class Coalescer(Generic[K, V]):
         self.name = name
         self._planner: Planner[K, V] = Planner(max_batch=max_batch, max_in_flight=max_in_flight)
         self._lock = threading.Lock()
-        self._sinks: dict[Ticket, concurrent.futures.Future[Outcome[V]] | _AsyncSink] = {}
+        self._waiters: dict[Ticket, _Waiter[K, V]] = {}
         self._pump_scheduled: set[asyncio.AbstractEventLoop] = set()
+        self._timers: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
         #: Batches issued so far, for benchmarks and tests that check coalescing.
         self.batches_issued = 0
 
     # -- sync front end --------------------------------------------------------
     def get(self, op: str, key: K, timeout: float, route: Hashable = None) -> Outcome[V]:
         """Block until one key's outcome arrives or ``timeout`` passes."""
-        return self.get_many(op, [key], timeout, route=lambda _k: route)[key]
+        return self.get_many(op, (key,), timeout, route=lambda _k: route)[key]
 
     def get_many(
         self,
@@ -87,49 +113,22 @@ class Coalescer(Generic[K, V]):
         """Block until every key has an outcome; a key that failed or timed out is ``Failed``."""
         _check_timeout(timeout)
         deadline = self._clock() + timeout
-        futures: dict[K, concurrent.futures.Future[Outcome[V]]] = {}
-        with self._lock:
-            for key in keys:
-                if key in futures:
-                    continue
-                fut: concurrent.futures.Future[Outcome[V]] = concurrent.futures.Future()
-                ticket = self._planner.request(op, key, deadline=deadline, route=route(key))
-                self._sinks[ticket] = fut
-                futures[key] = fut
-        self._pump()
-        out: dict[K, Outcome[V]] = {}
-        for key, fut in futures.items():
-            try:
-                out[key] = fut.result(max(0.0, deadline - self._clock()))
-            except concurrent.futures.TimeoutError:
-                self._expire()
-                out[key] = fut.result()  # _expire resolved it, or a result raced in
-        return out
+        waiter: _SyncWaiter[K, V] = _SyncWaiter()
+        self._submit(op, keys, deadline, route, waiter)
+        if waiter.remaining:
+            self._pump()
+        if not waiter.event.wait(max(0.0, deadline - self._clock())):
+            self._expire()
+            waiter.event.wait()  # _expire resolved what was left, or results raced in
+        return waiter.results
 
     # -- async front end -------------------------------------------------------
     async def get_async(
         self, op: str, key: K, timeout: float, route: Hashable = None
     ) -> Outcome[V]:
         """Await one key's outcome; concurrent awaits in one loop turn share a batch."""
-        _check_timeout(timeout)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outcome[V]] = loop.create_future()
-        with self._lock:
-            ticket = self._planner.request(op, key, deadline=self._clock() + timeout, route=route)
-            self._sinks[ticket] = _AsyncSink(loop, future)
-            if loop not in self._pump_scheduled:
-                self._pump_scheduled.add(loop)
-                loop.call_soon(self._pump_from_loop, loop)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            self._expire()
-            return await future
-        except asyncio.CancelledError:
-            with self._lock:
-                self._planner.cancel(ticket)
-                self._sinks.pop(ticket, None)
-            raise
+        results = await self.get_many_async(op, (key,), timeout, route=lambda _k: route)
+        return results[key]
 
     async def get_many_async(
         self,
@@ -138,12 +137,68 @@ class Coalescer(Generic[K, V]):
         timeout: float,
         route: Callable[[K], Hashable] = lambda _k: None,
     ) -> dict[K, Outcome[V]]:
-        """Await every key's outcome, issued together."""
-        unique = list(dict.fromkeys(keys))
-        results = await asyncio.gather(*(self.get_async(op, k, timeout, route(k)) for k in unique))
-        return dict(zip(unique, results, strict=True))
+        """Await every key's outcome; requests made in the same loop turn leave together."""
+        _check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = self._clock() + timeout
+        waiter: _AsyncWaiter[K, V] = _AsyncWaiter(loop)
+        self._submit(op, keys, deadline, route, waiter)
+        if not waiter.remaining:
+            return waiter.results
+        with self._lock:
+            if loop not in self._pump_scheduled:
+                self._pump_scheduled.add(loop)
+                loop.call_soon(self._pump_from_loop, loop)
+        self._arm_timer(loop, deadline)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            with self._lock:
+                for ticket in waiter.keys:
+                    if self._waiters.pop(ticket, None) is not None:
+                        self._planner.cancel(ticket)
+            raise
 
-    # -- pumping ---------------------------------------------------------------
+    # -- internals -------------------------------------------------------------
+    def _submit(
+        self,
+        op: str,
+        keys: Iterable[K],
+        deadline: float,
+        route: Callable[[K], Hashable],
+        waiter: _Waiter[K, V],
+    ) -> None:
+        unique = dict.fromkeys(keys)
+        with self._lock:
+            placed = self._planner.request_many(op, unique, deadline=deadline, route=route)
+            waiters = self._waiters
+            for ticket, _key in placed:
+                waiters[ticket] = waiter
+            waiter.keys.update(placed)
+            waiter.remaining += len(placed)
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """One expiry timer per loop, at the earliest deadline, instead of one per request."""
+        when = loop.time() + max(0.0, deadline - self._clock())
+        timer = self._timers.get(loop)
+        if timer is None or timer.cancelled() or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self._timers[loop] = loop.call_at(when, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timers.pop(loop, None)
+        self._expire()
+        with self._lock:
+            left = [
+                t
+                for t, w in self._waiters.items()
+                if isinstance(w, _AsyncWaiter) and w.loop is loop
+            ]
+            nearest = self._planner.next_deadline() if left else None
+        if nearest is not None:
+            self._arm_timer(loop, nearest)
+
     def _pump_from_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             self._pump_scheduled.discard(loop)
@@ -182,21 +237,26 @@ class Coalescer(Generic[K, V]):
     def _deliver(self, deliveries: list[Delivery[V]]) -> None:
         if not deliveries:
             return
-        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Outcome[V]]]] = {}
+        done_sync: list[_SyncWaiter[K, V]] = []
+        done_async: dict[asyncio.AbstractEventLoop, list[_AsyncWaiter[Any, Any]]] = {}
         with self._lock:
-            sinks = [(self._sinks.pop(d.ticket, None), d.outcome) for d in deliveries]
-        for sink, outcome in sinks:
-            if sink is None:
-                continue
-            if isinstance(sink, _AsyncSink):
-                per_loop.setdefault(sink.loop, []).append((sink.future, outcome))
-            elif not sink.done():
-                sink.set_result(outcome)
-        for loop, items in per_loop.items():
+            pop = self._waiters.pop
+            for ticket, outcome in deliveries:
+                waiter = pop(ticket, None)
+                if waiter is None or not waiter.deliver(ticket, outcome):
+                    continue
+                if isinstance(waiter, _SyncWaiter):
+                    done_sync.append(waiter)
+                else:
+                    assert isinstance(waiter, _AsyncWaiter)
+                    done_async.setdefault(waiter.loop, []).append(waiter)
+        for sync_waiter in done_sync:
+            sync_waiter.event.set()
+        for loop, waiters in done_async.items():
             if _running_loop() is loop:
-                _resolve_all(items)
+                _finish_all(waiters)
             elif not loop.is_closed():
-                loop.call_soon_threadsafe(_resolve_all, items)
+                loop.call_soon_threadsafe(_finish_all, waiters)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

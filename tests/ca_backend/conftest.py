@@ -32,3 +32,17 @@ def ioc(session_ioc_factory):
 @pytest.fixture(scope="session")
 def bank_ioc(session_ioc_factory, tmp_path_factory):
     return session_ioc_factory(bank_db(tmp_path_factory.mktemp("bank") / "bank.db"))
+
+
+@pytest.fixture(autouse=True)
+def _purge_aioca_channels():
+    """aioca caches channels per event loop and pytest-asyncio gives each test a new loop.
+
+    Channels of a closed loop would call into it on the next connection event,
+    so clear them after every test (a real session has one loop and never needs this).
+    """
+    yield
+    import sys
+
+    if "aioca" in sys.modules:
+        sys.modules["aioca"].purge_channel_caches()

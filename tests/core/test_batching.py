@@ -180,3 +180,14 @@ def test_every_request_gets_exactly_one_delivery(script: list[tuple[str, int]]) 
     open_tickets = set(p.open_tickets())
     assert set(tickets) == set(delivered) | cancelled | open_tickets
     assert not (set(delivered) & cancelled)
+
+
+def test_request_many_is_request_in_bulk() -> None:
+    p: Planner[str, int] = Planner()
+    placed = p.request_many("read", ["A", "B"], deadline=10, route=lambda k: k.lower())
+    assert [k for _, k in placed] == ["A", "B"]
+    assert {b.route: b.keys for b in p.plan()} == {"a": ("A",), "b": ("B",)}
+    with pytest.raises(TypeError, match="hashable"):
+        p.request_many("read", [["x"]], deadline=10, route=lambda k: None)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="op"):
+        p.request_many("", ["A"], deadline=10, route=lambda k: None)

@@ -85,8 +85,8 @@ class PvaServer:
     def pv(self, suffix: str) -> str:
         return self.prefix + suffix
 
-    def add(self, suffix: str, nt: Any, initial: Any) -> SharedPV:
-        shared = SharedPV(nt=nt, initial=initial)
+    def add(self, suffix: str, initial: Value) -> SharedPV:
+        shared = SharedPV(initial=initial)
         self.pvs[self.pv(suffix)] = shared
         return shared
 
@@ -104,16 +104,15 @@ class PvaServer:
 def pva_server() -> Iterator[PvaServer]:
     """A p4p Server serving NTTable, NTEnum, NTScalar and NTNDArray (plain, compressed, malformed)."""
     srv = PvaServer()
-    srv.add("table", TABLE_TYPE, TABLE_TYPE.wrap(TABLE_ROWS))
-    srv.add("enum", NTEnum(), {"index": 1, "choices": ["Low", "High", "Auto"]})
-    srv.add("badenum", NTEnum(), {"index": 7, "choices": ["Low", "High"]})
-    srv.add("scalar", NTScalar("d"), 3.25)
-    srv.add("image", NTNDArray(), ndarray_value(IMAGE, unique_id=17, attributes={"Gain": 2.5}))
-    srv.add("badshape", NTNDArray(), ndarray_value(IMAGE, dims=[50, 64]))
+    srv.add("table", TABLE_TYPE.wrap(TABLE_ROWS))
+    srv.add("enum", NTEnum().wrap({"index": 1, "choices": ["Low", "High", "Auto"]}))
+    srv.add("badenum", NTEnum().wrap({"index": 7, "choices": ["Low", "High"]}))
+    srv.add("scalar", NTScalar("d").wrap(3.25))
+    srv.add("image", ndarray_value(IMAGE, unique_id=17, attributes={"Gain": 2.5}))
+    srv.add("badshape", ndarray_value(IMAGE, dims=[50, 64]))
     for codec in ("lz4", "bslz4", "blosc"):
         srv.add(
             f"image_{codec}",
-            NTNDArray(),
             ndarray_value(IMAGE, unique_id=5, codec=codec, payload=compress(codec, IMAGE)),
         )
     srv.start()

@@ -251,18 +251,14 @@ class Inbox:
 def read_lines(proc: subprocess.Popen[str], n: int, timeout: float) -> list[dict[str, Any]]:
     """Read ``n`` JSON lines from a worker, failing with its stderr if it dies or stalls."""
     out: list[dict[str, Any]] = []
-    result: list[BaseException] = []
 
     def reader() -> None:
-        try:
-            assert proc.stdout is not None
-            while len(out) < n:
-                line = proc.stdout.readline()
-                if not line:
-                    return
-                out.append(json.loads(line))
-        except BaseException as exc:  # pragma: no cover - reported below
-            result.append(exc)
+        assert proc.stdout is not None
+        while len(out) < n:
+            line = proc.stdout.readline()
+            if not line:
+                return
+            out.append(json.loads(line))
 
     th = threading.Thread(target=reader, name="conformance-reader", daemon=True)
     th.start()
@@ -573,7 +569,8 @@ class Conformance:
         for w in workers:
             w.wait(30)
         keys = sorted((m["tag"], m["i"]) for m in got)
-        assert len(keys) == total, f"{len(keys)} of {total} delivered"
+        errors = "".join(w.stderr.read()[-1500:] for w in workers if w.stderr is not None)
+        assert len(keys) == total, f"{len(keys)} of {total} delivered; workers said:\n{errors}"
         assert keys == sorted((f"p{p}", i) for p in range(producers) for i in range(per))
 
     def test_bounded_stress(self, backend: Backend) -> None:

@@ -59,6 +59,14 @@ class Queues:
         self.names += [name, dlq_name(name)]
         return name
 
+    def declare(self, name: str) -> None:
+        """A plain durable queue, as a reply-queue owner would make it."""
+        conn = _connect(self.broker)
+        try:
+            conn.channel().queue_declare(name, durable=True)
+        finally:
+            conn.close()
+
     def get_all(self, name: str, timeout: float = 10.0, expect: int = 1) -> list[tuple[Any, bytes]]:
         """Drain messages (properties, body) from a queue until ``expect`` arrived or timeout."""
         out: list[tuple[Any, bytes]] = []

@@ -15,6 +15,7 @@ import bluesky.plan_stubs as bps
 import numpy as np
 import pytest
 from bluesky.plans import count, scan
+from bluesky.utils import FailedStatus
 from ophyd.sim import SynAxis, SynSignal
 from ophyd_async.plan_stubs import ensure_connected
 
@@ -154,9 +155,13 @@ def test_results_timeout_names_run_and_queue(run_engine: Any, broker: Any, queue
         results = ZocaloResults(listener, cb, timeout=1.0, name="zocalo")
         run_engine(ensure_connected(results))
         motor, cam = make_devices()
-        run_engine(scan([cam], motor, 0, 1, 2, md={"ispyb_dcid": 1, "bptest": "t"}))
-        with pytest.raises(ZocaloResultsTimeout, match=r"0 of 2 results for run .*results"):
+        run_engine(scan([cam], motor, 0, 1, 2, md={"ispyb_dcid": 1, "bptest": "t"}), cb)
+        with pytest.raises(FailedStatus) as info:
             run_engine(bps.trigger(results, wait=True))
+        cause = info.value.__cause__
+        assert isinstance(cause, ZocaloResultsTimeout)
+        assert cb.last_triggered in str(cause) and listener.queue in str(cause)
+        assert "0 of 2 results" in str(cause)
         assert sender.flush(10) and sender.stats.sent == 2
         # The requests are on the broker, intact, with zocalo.go headers.
         msgs = queues.get_all(processing, expect=2)

@@ -62,13 +62,60 @@ def snapshot_segments() -> set[str]:
 
 
 def new_segments(before: set[str], grace: float = 1.0) -> list[str]:
-    """Shared-memory segments created since ``before`` that still exist after ``grace``."""
+    """Shared-memory segments created since ``before`` that still exist after ``grace``.
+
+    A segment another, unrelated process holds open (a second test run on the
+    same host) is not this test's leak and is left out.
+    """
     deadline = time.monotonic() + grace
     while True:
         leaked = sorted(snapshot_segments() - before)
         if not leaked or time.monotonic() >= deadline:
-            return leaked
+            break
         time.sleep(0.02)
+    if leaked:
+        foreign = _held_by_other_processes(set(leaked))
+        leaked = [n for n in leaked if n not in foreign]
+    return leaked
+
+
+def _our_tree() -> set[int]:
+    """This process and its descendants, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return tree
+
+
+def _held_by_other_processes(names: set[str]) -> set[str]:
+    mine = _our_tree()
+    held: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in mine:
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                maps = f.read()
+            fds = [os.readlink(f"/proc/{entry}/fd/{fd}") for fd in os.listdir(f"/proc/{entry}/fd")]
+        except OSError:
+            continue
+        for name in names - held:
+            path = f"{_SHM_DIR}/{name}"
+            if path in maps or any(fd.startswith(path) for fd in fds):
+                held.add(name)
+    return held
 
 
 def wrap_task_guard(

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 from aioca import FORMAT_CTRL
 from aioca.types import AugmentedValue, Format
 from ophyd_async.core import (
@@ -52,6 +53,11 @@ def _value(outcome: Outcome[Any], pv: str) -> AugmentedValue:
     raise NotConnectedError(f"ca://{pv}: {outcome.reason}")
 
 
+def _is_number(value: Any, expected: type) -> bool:
+    allowed = int | np.integer if expected is int else int | float | np.integer | np.floating
+    return isinstance(value, allowed) and not isinstance(value, bool | np.bool_)
+
+
 class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
     """ophyd-async's CA backend with connects and reads batched over the shared libca context."""
 
@@ -76,7 +82,18 @@ class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
     async def _store_initial_value(self, pv: str, timeout: float) -> None:
         self.initial_values[pv] = await self._read(pv, None, FORMAT_CTRL, timeout)
 
-    async def _caget(self, pv: str, format: Format) -> AugmentedValue:  # noqa: A002 - base name
+    async def put(self, value: SignalDatatypeT | None) -> None:
+        # ophyd-async hands numbers to aioca untyped, so a str sent to a float PV
+        # goes out as DBR_STRING and the IOC may quietly ignore it: refuse it here.
+        expected = self.converter.datatype
+        if value is not None and expected in (int, float) and not _is_number(value, expected):
+            raise TypeError(
+                f"ca://{self.write_pv}: cannot put {value!r} ({type(value).__name__}) "
+                f"to a {expected.__name__} signal"
+            )
+        await super().put(value)
+
+    async def _caget(self, pv: str, format: Format) -> AugmentedValue:
         return await self._read(pv, self.converter.read_dbr, format, self.read_timeout)
 
 

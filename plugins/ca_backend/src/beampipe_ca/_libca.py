@@ -26,6 +26,7 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
+
 from beampipe import Batch, Coalescer, Failed, Ok, Outcome
 
 __all__ = [
@@ -40,6 +41,7 @@ logger = logging.getLogger("beampipe_ca")
 EPICS_EPOCH = 631152000
 ECA_NORMAL = 1
 CA_OP_CONN_UP = 6
+CS_CONN = 2
 MAX_STRING_SIZE = 40
 
 # DBR_TIME_<native> layout: status, severity (int16), secs, nsec (uint32), then per-type padding.
@@ -136,6 +138,8 @@ def _load_libca() -> ctypes.CDLL:
         ctypes.POINTER(vp),
     ]
     lib.ca_clear_channel.argtypes = [vp]
+    lib.ca_state.argtypes = [vp]
+    lib.ca_state.restype = ctypes.c_int
     lib.ca_puser.argtypes = [vp]
     lib.ca_puser.restype = vp
     lib.ca_array_get_callback.argtypes = [ctypes.c_long, ctypes.c_ulong, vp, _EVENT_CB, vp]
@@ -186,8 +190,53 @@ class Channel:
         return _TYPE_NAMES[self.native] if 0 <= self.native < len(_TYPE_NAMES) else "?"
 
     def __repr__(self) -> str:
-        state = f"{self.type_name}[{self.count}] on {self.host}" if self.connected.is_set() else "down"
+        state = (
+            f"{self.type_name}[{self.count}] on {self.host}" if self.connected.is_set() else "down"
+        )
         return f"<Channel {self.name} {state}>"
+
+
+class _LiveConnected:
+    """``Channel.connected`` for a channel someone else owns: asks libca each time."""
+
+    __slots__ = ("chid", "lib")
+
+    def __init__(self, lib: ctypes.CDLL, chid: int) -> None:
+        self.lib, self.chid = lib, chid
+
+    def is_set(self) -> bool:
+        return bool(self.lib.ca_state(self.chid) == CS_CONN)
+
+
+class ForeignChannel(Channel):
+    """A pyepics-owned chid read through our batches, so the ophyd layer needs no second channel.
+
+    Its type and connection state are read from libca on each use: the owner's
+    connection handler is the owner's, we do not get callbacks for it.
+    """
+
+    __slots__ = ("lib",)
+
+    def __init__(self, key: str, chid: int, lib: ctypes.CDLL) -> None:
+        # Not Channel.__init__: type, count and generation are live properties here.
+        self.name, self.host, self.lib = key, "", lib
+        self.listeners = []
+        self._waiters = []
+        self.chid = self._as_parameter_ = chid
+        self.connected = _LiveConnected(lib, chid)  # type: ignore[assignment]
+
+    @property
+    def native(self) -> int:  # type: ignore[override]
+        return int(self.lib.ca_field_type(self.chid))
+
+    @property
+    def count(self) -> int:  # type: ignore[override]
+        return int(self.lib.ca_element_count(self.chid))
+
+    @property
+    def generation(self) -> int:  # type: ignore[override]
+        # Decoders are cached per (type, count): a reboot that changes either gets new ones.
+        return self.native * (1 << 32) + self.count
 
 
 class _GetBatch:
@@ -201,7 +250,9 @@ class _GetBatch:
     __slots__ = ("complete", "counter", "decoders", "keys", "results", "total")
 
     def __init__(
-        self, keys: tuple[Any, ...] | list[Any], complete: Callable[[Mapping[Any, Outcome[Any]]], None]
+        self,
+        keys: tuple[Any, ...] | list[Any],
+        complete: Callable[[Mapping[Any, Outcome[Any]]], None],
     ) -> None:
         self.keys = keys
         self.total = len(keys)
@@ -298,6 +349,19 @@ class _Context:
             self.lib.ca_flush_io()
         return out
 
+    def adopt(self, name: str, chid: int) -> str:
+        """Make a chid another library owns readable by key; returns the key to read it by."""
+        key = _adopted_key(name, chid)
+        if key not in self._channels:
+            with self._lock:
+                self._channels[key] = ForeignChannel(key, chid, self.lib)
+        return key
+
+    def forget(self, name: str, chid: int) -> None:
+        """Drop an adopted channel (before its owner clears the chid)."""
+        with self._lock:
+            self._channels.pop(_adopted_key(name, chid), None)
+
     def _create(self, name: str) -> Channel:
         chan = Channel(name)
         # Registered before ca_create_channel: the connection callback may fire before it returns.
@@ -343,9 +407,9 @@ class _Context:
             for listener in list(chan.listeners):
                 try:
                     listener(chan, up)
-                except Exception:  # noqa: BLE001 - one bad listener must not starve the rest
+                except Exception:
                     logger.exception("%s: connection listener %r failed", chan.name, listener)
-        except Exception:  # noqa: BLE001 - never let an exception unwind into libca
+        except Exception:
             logger.exception("beampipe_ca connection callback failed")
 
     # -- connecting ------------------------------------------------------------------
@@ -415,7 +479,12 @@ class _Context:
         base = batch_no << 24
         failed: list[tuple[Any, Failed]] = []
         issued = 0
-        queue_get, cb, channels, decoders = self.queue_get, self._event_cb, self._channels, state.decoders
+        queue_get, cb, channels, decoders = (
+            self.queue_get,
+            self._event_cb,
+            self._channels,
+            state.decoders,
+        )
         for idx, key in enumerate(keys):
             name = key if isinstance(key, str) else key[0]
             chan = channels.get(name)
@@ -429,7 +498,9 @@ class _Context:
                 continue
             status = queue_get(dbrcode, count, chan.chid, cb, base | idx)
             if status != ECA_NORMAL:
-                failed.append((key, Failed(f"{name}: ca_array_get_callback: {self.message(status)}")))
+                failed.append(
+                    (key, Failed(f"{name}: ca_array_get_callback: {self.message(status)}"))
+                )
                 continue
             issued += 1
         if issued:
@@ -505,8 +576,12 @@ class _Context:
                 except Exception as exc:  # noqa: BLE001 - a bad reply fails its PV alone
                     outcome = Failed(f"{key}: could not decode the reply: {exc!r}")
             state.settle(key, outcome)
-        except Exception:  # noqa: BLE001 - never let an exception unwind into libca
+        except Exception:
             logger.exception("beampipe_ca get callback failed")
+
+
+def _adopted_key(name: str, chid: int) -> str:
+    return f"{name} (chid {chid:#x})"
 
 
 def _set_none(fut: asyncio.Future[None]) -> None:

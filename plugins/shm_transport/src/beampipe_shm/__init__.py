@@ -45,3 +45,16 @@ __all__ = [
     "inspect",
     "list_streams",
 ]
+
+# --- broker-less workflows transport (docs/shm_workflows_transport.md) -------------------
+# Imported lazily: ``import beampipe_shm`` must not pull in workflows (an optional extra).
+_WORKFLOWS_EXPORTS = ("ShmStoreError", "ShmStoreFull", "ShmTransport", "ShmTransportNotConnected")
+__all__ += _WORKFLOWS_EXPORTS
+
+
+def __getattr__(name: str) -> object:
+    if name in _WORKFLOWS_EXPORTS:
+        from . import _workflows
+
+        return getattr(_workflows, name)
+    raise AttributeError(f"module 'beampipe_shm' has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -380,18 +381,20 @@ class Producer:
 
     def _check_array(self, spec: L.StreamSpec, a: np.ndarray[Any, Any]) -> None:
         where = f"stream {self.name!r} array {spec.name!r}"
-        if a.nbytes > spec.nbytes:
-            raise FrameTooLarge(
-                f"{where}: {a.nbytes} bytes {a.shape} do not fit the slot's {spec.nbytes} "
-                f"bytes {spec.shape}"
-            )
         if not np.can_cast(a.dtype, spec.dtype, "same_kind"):
             raise SchemaMismatch(f"{where}: dtype {a.dtype} cannot be written as {spec.dtype}")
+        if a.size * spec.dtype.itemsize > spec.nbytes or (
+            spec.variable and a.ndim and a.shape[0] > spec.shape[0]
+        ):
+            raise FrameTooLarge(
+                f"{where}: {a.shape} ({a.size * spec.dtype.itemsize} bytes) does not fit the "
+                f"slot's {spec.shape} ({spec.nbytes} bytes)"
+            )
         if spec.variable:
             if a.ndim != len(spec.shape) or a.shape[1:] != spec.shape[1:]:
-                raise SchemaMismatch(f"{where}: shape {a.shape} != (n<={spec.shape[0]},) + ...")
-            if a.shape[0] > spec.shape[0]:
-                raise FrameTooLarge(f"{where}: {a.shape[0]} rows > slot's {spec.shape[0]}")
+                raise SchemaMismatch(
+                    f"{where}: shape {a.shape} is not (n <= {spec.shape[0]},) + {spec.shape[1:]}"
+                )
         elif a.shape != spec.shape:
             raise SchemaMismatch(f"{where}: shape {a.shape} != schema's {spec.shape}")
 
@@ -497,7 +500,8 @@ class Producer:
         if self._last_ns:
             dt = (now - self._last_ns) / 1e9
             if dt > 0:
-                alpha = min(1.0, dt)  # ~1 s time constant whatever the rate
+                # ~1 s time constant whatever the rate; the first interval seeds it
+                alpha = 1.0 if self._rate == 0.0 else -math.expm1(-dt)
                 self._rate += alpha * (1.0 / dt - self._rate)
         self._last_ns = now
         w[L.H_PUBLISH_NS] = now

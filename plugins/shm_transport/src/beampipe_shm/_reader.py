@@ -10,7 +10,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -18,7 +18,13 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _layout as L
-from ._errors import ControlRingFull, LeaseLimitReached, ReaderLimitReached, StreamNotFound
+from ._errors import (
+    ControlRingFull,
+    LeaseLimitReached,
+    ReaderLimitReached,
+    SchemaMismatch,
+    StreamNotFound,
+)
 from ._segment import Mapped, open_segment
 from ._sys import fence, futex_wait, load_fence, store_fence, try_lock, unlock
 
@@ -197,15 +203,15 @@ class Frame:
         return list(self._specs) if self._specs is not None else list(self._arrays)
 
     def __getitem__(self, name: str) -> np.ndarray[Any, Any]:
+        if self._lease is not None and self._lease.released:
+            raise RuntimeError(
+                f"stream {self.stream!r} frame {self.seq}: released, its slot may be rewritten"
+            )
         a = self._arrays.get(name)
         if a is not None:
             return a
         if self._specs is None or name not in self._specs:
             raise KeyError(f"stream {self.stream!r} has no array {name!r} (has {self.names})")
-        if self._lease is not None and self._lease.released:
-            raise RuntimeError(
-                f"stream {self.stream!r} frame {self.seq}: released, its slot may be rewritten"
-            )
         iface, _spec = self._specs[name]
         assert self._lease is not None
         a = np.asarray(_View(iface, self._lease))
@@ -388,17 +394,37 @@ class Reader:
         return bool(self._att.seg.words[L.H_STATE] == L.STATE_CLOSED)
 
     # ------------------------------------------------------------------ reading
-    def read(self, timeout: float | None = None) -> Frame | None:
+    def read(
+        self, timeout: float | None = None, *, out: Mapping[str, np.ndarray[Any, Any]] | None = None
+    ) -> Frame | None:
         """The next frame by this reader's mode, or None after ``timeout`` s (0: don't wait).
 
-        ``timeout=None`` waits as long as it takes.
+        ``timeout=None`` waits as long as it takes.  ``out`` (stream name -> array of the
+        schema's dtype and shape) copies into your buffers instead of leasing or
+        allocating: the fastest copy-out, and what to use for a long-lived result.
         """
         if self._closed:
             raise RuntimeError(f"stream {self.name!r}: reader is closed")
-        f = self._poll()
+        if out is not None:
+            self._check_out(out)
+        f = self._poll(out)
         if f is not None or timeout == 0:
             return f
-        return self._wait(timeout)
+        return self._wait(timeout, out)
+
+    def _check_out(self, out: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        for n, a in out.items():
+            try:
+                spec = self.schema[n]
+            except KeyError:
+                raise SchemaMismatch(f"stream {self.name!r} has no array {n!r}") from None
+            if not isinstance(a, np.ndarray) or a.dtype != spec.dtype or a.shape != spec.shape:
+                raise SchemaMismatch(
+                    f"stream {self.name!r}: out[{n!r}] must be an array of {spec.dtype} "
+                    f"{spec.shape}, got {getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}"
+                )
+            if not a.flags.writeable:
+                raise ValueError(f"stream {self.name!r}: out[{n!r}] is read-only")
 
     def __iter__(self) -> Iterator[Frame]:
         return self.frames()
@@ -420,7 +446,9 @@ class Reader:
     def _poll_peek_empty(self) -> bool:
         return bool((self._att.seg.words[L.H_LATEST] >> 8) <= self._last)
 
-    def _wait(self, timeout: float | None) -> Frame | None:
+    def _wait(
+        self, timeout: float | None, out: Mapping[str, np.ndarray[Any, Any]] | None = None
+    ) -> Frame | None:
         now = time.monotonic()
         deadline = None if timeout is None else now + max(0.0, timeout)
         spin_end = now + self.spin if deadline is None else min(deadline, now + self.spin)
@@ -428,7 +456,7 @@ class Reader:
         latest = words[L.H_LATEST]
         while time.monotonic() < spin_end:
             if words[L.H_LATEST] != latest:
-                f = self._poll()
+                f = self._poll(out)
                 if f is not None:
                     return f
                 latest = words[L.H_LATEST]
@@ -438,16 +466,18 @@ class Reader:
             v = words[L.H_NOTIFY]
             att.rw[L.R_WAITING] = 1
             fence()  # waiting flag before we look for frames (Dekker with Producer._commit)
-            f = self._poll()
+            f = self._poll(out)
             if f is not None:
                 att.rw[L.R_WAITING] = 0
                 return f
             now = time.monotonic()
             if now >= self._next_liveness or words[L.H_STATE] != L.STATE_LIVE:
                 self._next_liveness = now + _LIVENESS_EVERY
-                if not att.seg.producer_alive() and self._try_reattach():
+                if not att.seg.producer_alive():
                     att.rw[L.R_WAITING] = 0
-                    continue
+                    if self._try_reattach():
+                        continue
+                    att.rw[L.R_WAITING] = 1
             remaining = _LIVENESS_EVERY if deadline is None else deadline - now
             if remaining <= 0:
                 att.rw[L.R_WAITING] = 0
@@ -455,7 +485,7 @@ class Reader:
             futex_wait(att.notify_addr, v, min(remaining, _LIVENESS_EVERY))
             att.rw[L.R_WAITING] = 0
 
-    def _poll(self) -> Frame | None:
+    def _poll(self, out: Mapping[str, np.ndarray[Any, Any]] | None = None) -> Frame | None:
         att = self._att
         att.rw[L.R_HEARTBEAT_NS] = time.monotonic_ns()
         words = att.seg.words
@@ -468,7 +498,7 @@ class Reader:
                 k = lat & 0xFF
                 if att.seq_of(k) != 2 * n:
                     continue
-                f = self._take(att, k, n, n - self._last - 1)
+                f = self._take(att, k, n, n - self._last - 1, out)
             else:
                 want = self._last + 1
                 best_k, best_n = -1, 0
@@ -480,7 +510,7 @@ class Reader:
                             best_k, best_n = k, fn
                 if best_k < 0:
                     continue
-                f = self._take(att, best_k, best_n, best_n - want)
+                f = self._take(att, best_k, best_n, best_n - want, out)
             if f is not None:
                 self._last = f.seq
                 st = self.stats
@@ -493,13 +523,20 @@ class Reader:
                 return f
         return None
 
-    def _take(self, att: _Attachment, k: int, n: int, missed: int) -> Frame | None:
+    def _take(
+        self,
+        att: _Attachment,
+        k: int,
+        n: int,
+        missed: int,
+        out: Mapping[str, np.ndarray[Any, Any]] | None,
+    ) -> Frame | None:
         s = 2 * n
         words = att.seg.words
         sw = att.slot_word[k]
-        if self.copy:
+        if self.copy or out is not None:
             load_fence()
-            f = self._build(att, k, n, missed, None)
+            f = self._build(att, k, n, missed, None, out)
             load_fence()  # the copies before the re-check of the sequence
             if words[sw] != s:
                 self.stats.torn += 1
@@ -527,7 +564,15 @@ class Reader:
             lease = _Lease(self, att, k)
         return self._build(att, k, n, missed, lease)
 
-    def _build(self, att: _Attachment, k: int, n: int, missed: int, lease: _Lease | None) -> Frame:
+    def _build(
+        self,
+        att: _Attachment,
+        k: int,
+        n: int,
+        missed: int,
+        lease: _Lease | None,
+        out: Mapping[str, np.ndarray[Any, Any]] | None = None,
+    ) -> Frame:
         words = att.seg.words
         sw = att.slot_word[k]
         base = att.slot_addr[k]
@@ -552,7 +597,13 @@ class Reader:
             }
             if lease is None:
                 view = np.asarray(_View(iface, None))  # type: ignore[arg-type]
-                arrays[spec.name] = view.copy()
+                dst = out.get(spec.name) if out is not None else None
+                if dst is None:
+                    arrays[spec.name] = view.copy()
+                else:
+                    dst = dst[: shape[0]] if spec.variable else dst
+                    np.copyto(dst, view)
+                    arrays[spec.name] = dst
             else:
                 specs[spec.name] = (iface, spec)
         return Frame(

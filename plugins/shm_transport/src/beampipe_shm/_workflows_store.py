@@ -250,7 +250,7 @@ class Store:
     def check_space(self, size: int, what: str) -> None:
         """Refuse a write that would eat into the reserve, naming the queue and the numbers."""
         self._writes += 1
-        if self.reserve_bytes <= 0 or (size < 65536 and self._writes % 32):
+        if self.reserve_bytes <= 0 or (size < 65536 and self._writes % 32 != 1):
             return
         st = os.statvfs(self.path)
         free = st.f_bavail * st.f_frsize

@@ -1,0 +1,276 @@
+"""The ophyd control layer ``beampipe-ca``: the pyepics layer, metadata batched, no PV cache.
+
+What changes against ophyd's own pyepics shim, and why:
+
+* **Metadata in batches.**  When a PV connects, ophyd asks for its time and
+  ctrl metadata (``get_all_metadata_callback``); the pyepics layer does two
+  blocking round trips per PV on four utility threads, so a 200-PV Device
+  waits for ~100 sequential round trips.  Here every request that arrives
+  while a batch is in flight joins the next one: a Device's PVs get their
+  metadata in one or two libca batches (time and ctrl together).
+* **No shared PV objects.**  ``epics.get_pv`` hands the same PV object to
+  every caller with the same name, so two Devices over one prefix share
+  callbacks, auto-monitor settings and, on release, a cleared channel
+  (pyepics #159, ophyd #708).  ``get_pv`` here makes a new PV object each
+  time, and ``release_pvs`` only clears the libca channel when the last PV
+  object using it is released.
+* **One libca, one context**: the PVs are pyepics PVs on epicscorelibs'
+  libca, in the context aioca and beampipe-ca's bulk reads use.
+
+Everything else (the dispatcher, puts with completion, monitors) is ophyd's
+own ``PyepicsShimPV``, so devices behave as they do on the pyepics layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import beampipe
+
+from ._libca import context as ca_context
+
+beampipe.import_ophyd()
+import epics  # noqa: E402 - after ophyd is imported the way beampipe says
+from aioca import FORMAT_CTRL, FORMAT_TIME  # noqa: E402
+from ophyd import _pyepics_shim as _base  # noqa: E402
+
+from beampipe import Failed, Ok  # noqa: E402
+
+__all__ = [
+    "BeampipeShimPV",
+    "caget",
+    "caput",
+    "get_dispatcher",
+    "get_pv",
+    "name",
+    "release_pvs",
+    "setup",
+    "thread_class",
+]
+
+logger = logging.getLogger("beampipe_ca.ophyd")
+
+name = "beampipe-ca"
+thread_class = _base.thread_class
+caget = _base.caget
+caput = _base.caput
+
+#: PV objects alive per (context, pvname): the libca channel is shared by name.
+_users: dict[tuple[Any, str], int] = {}
+_users_lock = threading.Lock()
+
+
+def get_dispatcher() -> Any:
+    """ophyd's event dispatcher for this layer (shared with the pyepics layer's)."""
+    return _base.get_dispatcher()
+
+
+def setup(logger: logging.Logger) -> Any:
+    """Called by ophyd once per session: make the shared CA context, then ophyd's dispatcher."""
+    ca_context().attach()
+    return _base.setup(logger)
+
+
+def _chid(pv: Any) -> int | None:
+    chid = getattr(pv, "chid", None)
+    if chid is None:
+        return None
+    return int(getattr(chid, "value", chid) or 0) or None
+
+
+def _time_ctrl_keys(pv: Any) -> tuple[tuple[str, None, int], tuple[str, None, int]] | None:
+    chid = _chid(pv)
+    if chid is None:
+        return None
+    key = ca_context().adopt(pv.pvname, chid)
+    return (key, None, FORMAT_TIME), (key, None, FORMAT_CTRL)
+
+
+def fetch_metadata(pvs: Iterable[Any], timeout: float) -> list[dict[str, Any] | str]:
+    """Time and ctrl metadata of many PVs in one batch, in order; a failed PV gives its reason.
+
+    Calls from many threads at once share batches through the Coalescer.
+    """
+    pvs = list(pvs)
+    pairs = [_time_ctrl_keys(pv) for pv in pvs]
+    flat = [k for pair in pairs if pair is not None for k in pair]
+    results = ca_context().reads.get_many("aug", flat, timeout) if flat else {}
+    out: list[dict[str, Any] | str] = []
+    for pv, pair in zip(pvs, pairs, strict=True):
+        if pair is None:
+            out.append(f"{pv.pvname}: no channel (released?)")
+            continue
+        tval, cval = results[pair[0]], results[pair[1]]
+        if isinstance(tval, Ok) and isinstance(cval, Ok):
+            out.append(_apply(pv, tval.value, cval.value))
+        else:
+            bad = tval if isinstance(tval, Failed) else cval
+            assert isinstance(bad, Failed)
+            out.append(bad.reason.replace(pair[0][0], pv.pvname))
+    return out
+
+
+_CTRL_KEYS = (
+    "units",
+    "precision",
+    "upper_disp_limit",
+    "lower_disp_limit",
+    "upper_alarm_limit",
+    "lower_alarm_limit",
+    "upper_warning_limit",
+    "lower_warning_limit",
+    "upper_ctrl_limit",
+    "lower_ctrl_limit",
+)
+
+
+def _apply(pv: Any, tval: Any, cval: Any) -> dict[str, Any]:
+    """Store fresh metadata in the PV the way pyepics' get_timevars/get_ctrlvars would."""
+    args = pv._args
+    args["status"] = tval.status
+    args["severity"] = tval.severity
+    args["timestamp"] = tval.timestamp
+    args["posixseconds"], args["nanoseconds"] = tval.raw_stamp
+    for key in _CTRL_KEYS:
+        if hasattr(cval, key):
+            args[key] = getattr(cval, key)
+    if hasattr(cval, "enums"):
+        args["enum_strs"] = tuple(cval.enums)
+    md = dict(args)
+    md.pop("value", None)
+    return md
+
+
+class _MetadataBatcher:
+    """Collects ``get_all_metadata_callback`` requests; a short-lived thread serves them in batches.
+
+    While one batch is on the wire, new requests queue and leave together as
+    the next one.  The thread exits as soon as the queue is empty, so nothing
+    lingers between connection storms.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[tuple[Any, Callable[[str, dict[str, Any]], None], float]] = []
+        self._thread: threading.Thread | None = None
+        #: Batches served, for tests and benchmarks.
+        self.batches = 0
+
+    def submit(
+        self, pv: Any, callback: Callable[[str, dict[str, Any]], None], timeout: float
+    ) -> None:
+        with self._lock:
+            self._queue.append((pv, callback, timeout))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="beampipe-ca-metadata", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                items, self._queue = self._queue, []
+                if not items:
+                    self._thread = None
+                    return
+            self.batches += 1
+            try:
+                found = fetch_metadata([pv for pv, _cb, _t in items], max(t for *_x, t in items))
+            except Exception:
+                logger.exception("metadata batch of %d PVs failed", len(items))
+                continue
+            for (pv, callback, _timeout), md in zip(items, found, strict=True):
+                if isinstance(md, dict):
+                    try:
+                        callback(pv.pvname, md)
+                    except Exception:
+                        logger.exception("%s: metadata callback %r failed", pv.pvname, callback)
+                else:
+                    # ophyd falls back to get_all_metadata_blocking in wait_for_connection,
+                    # which raises with this reason if it persists.
+                    logger.warning("%s: initial metadata not read: %s", pv.pvname, md)
+
+
+_batcher = _MetadataBatcher()
+
+
+class BeampipeShimPV(_base.PyepicsShimPV):
+    """ophyd's pyepics PV with its metadata reads batched over beampipe-ca."""
+
+    def get_all_metadata_blocking(self, timeout: float) -> dict[str, Any]:
+        md = fetch_metadata([self], timeout)[0]
+        if isinstance(md, str):
+            raise TimeoutError(f"could not read the metadata of {self.pvname}: {md}")
+        return md
+
+    def get_all_metadata_callback(
+        self, callback: Callable[[str, dict[str, Any]], None], *, timeout: float
+    ) -> None:
+        _batcher.submit(self, callback, timeout)
+
+
+def get_pv(
+    pvname: str,
+    form: str = "time",
+    connect: bool = False,
+    context: Any = None,
+    timeout: float = 5.0,
+    connection_callback: Any = None,
+    access_callback: Any = None,
+    callback: Any = None,
+    verbose: bool = False,
+    count: int | None = None,
+    auto_monitor: Any = None,
+    **kwargs: Any,
+) -> BeampipeShimPV:
+    """A new PV object for every call (never a cached one shared with other Devices)."""
+    if not isinstance(pvname, str) or not pvname:
+        raise ValueError(f"PV name must be a non-empty str, got {pvname!r}")
+    if context is not None and context != epics.ca.current_context():
+        raise ValueError(f"{pvname}: beampipe-ca uses one CA context; got context={context!r}")
+    pv = BeampipeShimPV(
+        pvname,
+        callback=callback,
+        form=form,
+        verbose=verbose,
+        auto_monitor=auto_monitor,
+        count=count,
+        connection_callback=connection_callback,
+        connection_timeout=timeout,
+        access_callback=access_callback,
+        **kwargs,
+    )
+    with _users_lock:
+        key = (pv.context, pv.pvname)
+        _users[key] = _users.get(key, 0) + 1
+    if connect and not pv.wait_for_connection(timeout=timeout):
+        raise TimeoutError(f"{pvname}: not connected within {timeout:g} s")
+    return pv
+
+
+def release_pvs(*pvs: Any) -> None:
+    """Release PV objects; the libca channel goes only with the last PV object using it."""
+    for pv in pvs:
+        pv._reference_count -= 1
+        if pv._reference_count > 0:
+            continue
+        pv.clear_callbacks()
+        pv.clear_auto_monitor()
+        chid = _chid(pv)
+        if chid is not None:
+            with _users_lock:
+                key = (pv.context, pv.pvname)
+                left = _users.get(key, 1) - 1
+                if left > 0:
+                    _users[key] = left
+                else:
+                    _users.pop(key, None)
+            if left <= 0:
+                ca_context().forget(pv.pvname, chid)
+                epics.ca.clear_channel(pv.chid)
+        pv.chid = None
+        pv.context = None

@@ -1,0 +1,173 @@
+"""ophyd on the beampipe-ca control layer, against a real IOC."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import beampipe
+
+from .conftest import BANK_SIZE
+
+
+@pytest.fixture
+def cl():
+    beampipe.use("beampipe-ca", ophyd_async=False)
+    import ophyd
+
+    assert ophyd.cl.name == "beampipe-ca"
+    yield ophyd.cl
+    beampipe.reset()
+
+
+def test_layer_exports_what_ophyd_needs():
+    from beampipe_ca import _ophyd_shim
+
+    for attr in beampipe.CONTROL_LAYER_EXPORTS:
+        assert hasattr(_ophyd_shim, attr), attr
+    assert _ophyd_shim.name == "beampipe-ca"
+
+
+def test_epics_signal_read_put_and_metadata(cl, ioc):
+    from ophyd import EpicsSignal, EpicsSignalRO
+
+    sig = EpicsSignal(ioc.pv("ao"), name="ao")
+    ro = EpicsSignalRO(ioc.pv("str"), name="s")
+    sig.wait_for_connection(timeout=10)
+    ro.wait_for_connection(timeout=10)
+    assert sig.get() == 1.5
+    assert ro.get() == "hello"
+    desc = sig.describe()["ao"]
+    assert desc["units"] == "mm"
+    assert desc["precision"] == 3
+    assert sig.limits == (-100.0, 100.0)
+    try:
+        sig.put(7.25, wait=True)
+        assert sig.get(use_monitor=False) == 7.25
+        reading = sig.read()["ao"]
+        assert reading["value"] == 7.25
+    finally:
+        sig.put(1.5, wait=True)
+    assert sig.cl.name == "beampipe-ca"
+    sig.destroy()
+    ro.destroy()
+
+
+def test_enum_and_waveform(cl, ioc):
+    from ophyd import EpicsSignal
+
+    enum = EpicsSignal(ioc.pv("enum"), name="e", string=True)
+    enum.wait_for_connection(timeout=10)
+    assert enum.enum_strs == ("Low", "Medium", "High")
+    assert enum.get() == "Medium"
+    wf = EpicsSignal(ioc.pv("wf_long"), name="wf")
+    wf.wait_for_connection(timeout=10)
+    wf.put(np.array([5, 6, 7], dtype=np.int32), wait=True)
+    np.testing.assert_array_equal(wf.get(use_monitor=False)[:3], [5, 6, 7])
+    enum.destroy()
+    wf.destroy()
+
+
+def test_put_completion_waits_for_the_record(cl, ioc):
+    from ophyd import EpicsSignal
+
+    sig = EpicsSignal(ioc.pv("slow"), name="slow", put_complete=True)
+    sig.wait_for_connection(timeout=10)
+    t0 = time.monotonic()
+    status = sig.set(3.0)
+    assert not status.done
+    status.wait(10)
+    assert time.monotonic() - t0 >= 0.4  # calcout ODLY 0.5 s holds the put callback
+    assert status.success
+    sig.destroy()
+
+
+def test_monitor_updates(cl, ioc):
+    from ophyd import EpicsSignalRO
+
+    sig = EpicsSignalRO(ioc.pv("counter"), name="c")
+    sig.wait_for_connection(timeout=10)
+    seen: list[float] = []
+    got = threading.Event()
+
+    def cb(value, **_kw):
+        seen.append(value)
+        if len(seen) >= 4:
+            got.set()
+
+    sig.subscribe(cb)
+    assert got.wait(5)
+    sig.clear_sub(cb)
+    assert seen[1:] == sorted(seen[1:])
+    assert seen[-1] > seen[1]
+    sig.destroy()
+
+
+def test_unknown_pv_times_out_naming_it(cl, ioc):
+    from ophyd import EpicsSignalRO
+
+    missing = ioc.pv("not_there")
+    sig = EpicsSignalRO(missing, name="m")
+    with pytest.raises(TimeoutError, match=missing):
+        sig.wait_for_connection(timeout=0.5)
+    sig.destroy()
+
+
+def test_bad_put_type_raises(cl, ioc):
+    from ophyd import EpicsSignal
+
+    sig = EpicsSignal(ioc.pv("ao"), name="ao")
+    sig.wait_for_connection(timeout=10)
+    with pytest.raises((ValueError, TypeError)):
+        sig.put("not a number", wait=True)
+    assert sig.get(use_monitor=False) == 1.5
+    sig.destroy()
+
+
+def test_two_devices_on_one_pv_are_independent(cl, ioc):
+    """pyepics #159 / ophyd #708: releasing one must not break the other."""
+    from ophyd import EpicsSignalRO
+
+    a = EpicsSignalRO(ioc.pv("counter"), name="a")
+    b = EpicsSignalRO(ioc.pv("counter"), name="b")
+    assert a._read_pv is not b._read_pv
+    a.wait_for_connection(timeout=10)
+    b.wait_for_connection(timeout=10)
+    a.destroy()
+    first = b.get(use_monitor=False)
+    time.sleep(0.3)
+    assert b.get(use_monitor=False) > first  # b's channel was not cleared with a's PV
+    seen = threading.Event()
+    b.subscribe(lambda **_kw: seen.set(), run=False)
+    assert seen.wait(5)
+    b.destroy()
+
+
+def _bank_device(prefix: str, n: int):
+    from ophyd import Component as Cpt
+    from ophyd import Device, EpicsSignalRO
+
+    attrs = {f"s{i}": Cpt(EpicsSignalRO, f"s{i}", kind="hinted") for i in range(n)}
+    return type("Bank", (Device,), attrs)(prefix, name="bank")
+
+
+def test_device_of_200_pvs_connects_with_batched_metadata(cl, bank_ioc):
+    from beampipe_ca._libca import context
+    from beampipe_ca._ophyd_shim import _batcher
+
+    ctx = context()
+    before, meta_before = ctx.batches_issued, _batcher.batches
+    dev = _bank_device(bank_ioc.prefix, BANK_SIZE)
+    dev.wait_for_connection(timeout=20)
+    reading = dev.read()
+    assert [reading[f"bank_s{i}"]["value"] for i in range(BANK_SIZE)] == [
+        float(i) for i in range(BANK_SIZE)
+    ]
+    assert dev.s7.describe()["bank_s7"]["units"] == "V"
+    # 200 PVs' time+ctrl metadata: a few wire batches, not 400 round trips.
+    assert ctx.batches_issued - before < 40, ctx.batches_issued - before
+    assert _batcher.batches - meta_before < 40
+    dev.destroy()

@@ -1,0 +1,379 @@
+"""Single-process behaviour of the frame transport: API, schema, leases, errors, control, inspect.
+
+A producer and readers in one process still talk only through /dev/shm (each
+opens its own descriptor and mapping), so these exercise the real protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from beampipe_shm import (
+    ControlRingFull,
+    FrameTooLarge,
+    LeaseLimitReached,
+    NameInUse,
+    Producer,
+    Reader,
+    ReaderLimitReached,
+    Schema,
+    SchemaMismatch,
+    StreamNotFound,
+    StreamSpec,
+    inspect,
+    list_streams,
+)
+
+IMG = StreamSpec("img", "uint16", (8, 6), units="counts", description="detector image")
+
+
+def one(name: str, **kw: object) -> Producer:
+    return Producer(name, [IMG], **kw)  # type: ignore[arg-type]
+
+
+def fill(p: Producer, value: int, **kw: object) -> int | None:
+    with p.frame(**kw) as f:  # type: ignore[arg-type]
+        f["img"][...] = value
+    return f.seq if not f.dropped else None
+
+
+def test_schema_travels_with_the_stream(shm_name: str) -> None:
+    streams = [
+        IMG,
+        StreamSpec("pos", "<f8", (3,), units="mm"),
+        StreamSpec("events", [("t", "<f8"), ("x", "<i4")], (100,), variable=True),
+    ]
+    with Producer(shm_name, streams, attrs={"detector": "eiger"}) as p, Reader(shm_name) as r:
+        assert r.schema == p.schema
+        assert r.schema["img"].units == "counts"
+        assert r.schema["events"].dtype.names == ("t", "x")
+        assert r.schema.attrs == {"detector": "eiger"}
+        assert Schema.from_json(json.loads(json.dumps(p.schema.to_json()))) == p.schema
+
+
+def test_write_in_place_and_read_zero_copy(shm_name: str) -> None:
+    with one(shm_name) as p, Reader(shm_name, mode="every") as r:
+        assert r.read(timeout=0) is None
+        t0 = time.time()
+        with p.frame(frame_id=77, attrs={"exposure": 0.1}) as f:
+            f["img"][...] = np.arange(48).reshape(8, 6)
+        with r.read(timeout=1) as got:
+            assert got is not None
+            assert got.seq == 1
+            assert got.frame_id == 77
+            assert got.attrs == {"exposure": 0.1}
+            assert got.timestamp >= t0 - 1
+            assert got.missed == 0
+            a = got["img"]
+            assert a.dtype == np.uint16
+            assert a.shape == (8, 6)
+            assert (a == np.arange(48).reshape(8, 6)).all()
+            assert not a.flags.writeable
+            with pytest.raises(ValueError, match="read-only"):
+                a[0, 0] = 1
+            with pytest.raises(ValueError, match="WRITEABLE|writeable"):
+                a.flags.writeable = True
+            assert got.leased
+        assert not got.leased
+        with pytest.raises(RuntimeError, match="released"):
+            got["img"]
+
+
+def test_publish_copies_and_validates(shm_name: str) -> None:
+    streams = [IMG, StreamSpec("wave", "f8", (10,), variable=True)]
+    with Producer(shm_name, streams) as p, Reader(shm_name, mode="every", copy=True) as r:
+        seq = p.publish({"img": np.full((8, 6), 3, np.uint16), "wave": np.arange(4.0)}, frame_id=-5)
+        assert seq == 1
+        got = r.read(timeout=1)
+        assert got is not None
+        assert got.frame_id == -5
+        assert got["wave"].tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert got["img"].flags.writeable  # a copy is the caller's
+        with pytest.raises(FrameTooLarge, match="wave"):
+            p.publish({"img": np.zeros((8, 6), np.uint16), "wave": np.zeros(11)})
+        with pytest.raises(FrameTooLarge, match="img"):
+            p.publish({"img": np.zeros((9, 6), np.uint16), "wave": np.zeros(1)})
+        with pytest.raises(SchemaMismatch, match="shape"):
+            p.publish({"img": np.zeros((6, 8), np.uint16), "wave": np.zeros(1)})
+        with pytest.raises(SchemaMismatch, match="streams"):
+            p.publish({"img": np.zeros((8, 6), np.uint16)})
+        with pytest.raises(SchemaMismatch, match="dtype"):
+            p.publish({"img": np.zeros((8, 6), np.float64), "wave": np.zeros(1)})
+        with pytest.raises(SchemaMismatch, match="pass a mapping"):
+            p.publish(np.zeros((8, 6), np.uint16))
+        with pytest.raises(FrameTooLarge, match="rows"):
+            p.frame(rows={"wave": 11})
+        with pytest.raises(FrameTooLarge, match="attributes"):
+            p.publish(
+                {"img": np.zeros((8, 6), np.uint16), "wave": np.zeros(1)}, attrs={"x": "y" * 5000}
+            )
+        # none of the rejected frames became visible, and the stream goes on
+        assert p.publish({"img": np.ones((8, 6), np.uint16), "wave": np.ones(2)}) is not None
+        got = r.read(timeout=1)
+        assert got is not None
+        assert got.missed == 0
+        assert got["wave"].tolist() == [1.0, 1.0]
+
+
+def test_copy_out_into_callers_buffer(shm_name: str) -> None:
+    with one(shm_name) as p, Reader(shm_name) as r:
+        fill(p, 9)
+        buf = np.zeros((8, 6), np.uint16)
+        got = r.read(timeout=1, out={"img": buf})
+        assert got is not None
+        assert got["img"] is buf
+        assert (buf == 9).all()
+        assert not got.leased
+        with pytest.raises(SchemaMismatch, match="out"):
+            r.read(timeout=0, out={"img": np.zeros((8, 6), np.int32)})
+
+
+def test_latest_mode_skips_the_backlog_every_mode_does_not(shm_name: str) -> None:
+    with (
+        one(shm_name, slots=8) as p,
+        Reader(shm_name, mode="latest", copy=True) as latest,
+        Reader(shm_name, mode="every", copy=True) as every,
+    ):
+        for i in range(1, 6):
+            fill(p, i)
+        f = latest.read(timeout=0)
+        assert f is not None
+        assert f.seq == 5
+        assert (f["img"] == 5).all()
+        assert f.missed == 4
+        assert latest.read(timeout=0) is None
+        got = [every.read(timeout=0) for _ in range(5)]
+        assert [g.seq for g in got if g] == [1, 2, 3, 4, 5]
+        assert all(g is not None and (g["img"] == g.seq).all() for g in got)
+        assert every.read(timeout=0) is None
+
+
+def test_every_mode_counts_the_frames_it_missed(shm_name: str) -> None:
+    with one(shm_name, slots=3) as p, Reader(shm_name, mode="every", copy=True) as r:
+        fill(p, 1)
+        assert r.read(timeout=0).seq == 1  # type: ignore[union-attr]
+        for i in range(2, 12):
+            fill(p, i)
+        seqs, missed = [], 0
+        while (f := r.read(timeout=0)) is not None:
+            seqs.append(f.seq)
+            missed += f.missed
+        assert seqs == sorted(seqs)
+        assert seqs[-1] == 11
+        assert len(seqs) + missed == 10  # every frame is either delivered or counted
+        assert r.stats.missed == missed > 0
+
+
+def test_producer_never_overwrites_a_leased_slot(shm_name: str) -> None:
+    with one(shm_name, slots=3) as p, Reader(shm_name, mode="latest", max_leases=2) as r:
+        fill(p, 1)
+        held = r.read(timeout=0)
+        assert held is not None
+        for i in range(2, 50):
+            fill(p, i)
+        assert (held["img"] == 1).all()  # 48 frames later, still frame 1
+        assert held.seq == 1
+        assert p.dropped == 0
+        held.release()
+        # with the lease gone the slot is reused
+        for i in range(50, 60):
+            fill(p, i)
+        assert inspect(shm_name).readers[0].leases == 0
+
+
+def test_every_slot_leased_drops_and_counts_the_frame(shm_name: str) -> None:
+    with (
+        one(shm_name, slots=2) as p,
+        Reader(shm_name, mode="every", max_leases=2, start="oldest") as r,
+    ):
+        fill(p, 1)
+        fill(p, 2)
+        a, b = r.read(timeout=0), r.read(timeout=0)
+        assert a is not None
+        assert b is not None
+        assert fill(p, 3) is None  # nowhere to put it
+        assert p.dropped == 1
+        assert inspect(shm_name).dropped == 1
+        assert (a["img"] == 1).all()
+        assert (b["img"] == 2).all()
+        a.release()
+        assert fill(p, 4) == 3  # the sequence has no hole: drops are counted, not numbered
+        b.release()
+
+
+def test_lease_limit_and_garbage_collection_release(shm_name: str) -> None:
+    with one(shm_name, slots=6) as p, Reader(shm_name, mode="every", max_leases=2) as r:
+        for i in range(1, 5):
+            fill(p, i)
+        r.read(timeout=0)  # not kept: released when garbage-collected
+        f2 = r.read(timeout=0)
+        f3 = r.read(timeout=0)
+        with pytest.raises(LeaseLimitReached, match=shm_name):
+            r.read(timeout=0)
+        img = f3["img"]  # an array keeps its lease after the frame object goes
+        del f2, f3
+        f4 = r.read(timeout=0)
+        assert f4 is not None
+        assert f4.seq == 4
+        assert (img == 3).all()
+        del img, f4
+
+
+def test_errors_name_the_stream(shm_name: str) -> None:
+    with pytest.raises(StreamNotFound, match=shm_name):
+        Reader(shm_name)
+    t0 = time.monotonic()
+    with pytest.raises(StreamNotFound):
+        Reader(shm_name, wait=0.2)
+    assert 0.15 < time.monotonic() - t0 < 2
+    with one(shm_name, max_readers=2) as p:
+        with pytest.raises(NameInUse, match=f"{shm_name}.*live producer.*pid {os.getpid()}"):
+            one(shm_name)
+        with pytest.raises(SchemaMismatch, match="img: dtype uint16 != expected float32"):
+            Reader(shm_name, expect=[StreamSpec("img", "f4", (8, 6))])
+        with pytest.raises(SchemaMismatch, match="no stream 'other'"):
+            Reader(shm_name, expect=StreamSpec("other", "u2", (8, 6)))
+        r1, r2 = Reader(shm_name), Reader(shm_name)
+        with pytest.raises(ReaderLimitReached, match="max_readers"):
+            Reader(shm_name)
+        r1.close()
+        Reader(shm_name).close()  # a freed record is reused
+        r2.close()
+        with pytest.raises(RuntimeError, match="still open"):
+            with p.frame():
+                p.frame()
+    with pytest.raises(ValueError, match="stream name"):
+        Producer("../etc", [IMG])
+    with pytest.raises(ValueError, match="object"):
+        Producer(shm_name, [StreamSpec("o", object, (1,))])
+    with pytest.raises(ValueError, match="slots"):
+        one(shm_name, slots=1)
+    with pytest.raises(ValueError, match="unique"):
+        Producer(shm_name, [IMG, IMG])
+    with pytest.raises(ValueError, match="mode"):
+        Reader(shm_name, mode="oldest")  # type: ignore[arg-type]
+
+
+def test_aborted_frame_is_never_visible(shm_name: str) -> None:
+    with one(shm_name) as p, Reader(shm_name, mode="every", copy=True) as r:
+        fill(p, 1)
+        with pytest.raises(ZeroDivisionError), p.frame() as f:
+            f["img"][...] = 99
+            1 / 0  # noqa: B018
+        fill(p, 2)
+        seqs = [r.read(timeout=0), r.read(timeout=0), r.read(timeout=0)]
+        assert [(s.seq, int(s["img"][0, 0])) for s in seqs if s] == [(1, 1), (2, 2)]
+
+
+def test_blocking_read_times_out_and_wakes(shm_name: str) -> None:
+    with one(shm_name) as p, Reader(shm_name, spin=0.0) as r:
+        t0 = time.monotonic()
+        assert r.read(timeout=0.3) is None
+        assert 0.25 < time.monotonic() - t0 < 1.5
+        t0 = time.monotonic()
+        assert r.read(timeout=0) is None
+        assert time.monotonic() - t0 < 0.05
+        fill(p, 1)
+        t0 = time.monotonic()
+        f = r.read(timeout=5)
+        assert f is not None
+        assert time.monotonic() - t0 < 0.5
+        f.release()
+
+
+def test_clean_close_ends_iteration_and_removes_the_segment(shm_name: str) -> None:
+    p = one(shm_name)
+    path = f"/dev/shm/bp.{shm_name}"
+    assert os.path.exists(path)
+    assert shm_name in list_streams()
+    r = Reader(shm_name, mode="every", copy=True)
+    for i in range(1, 4):
+        fill(p, i)
+    p.close()
+    assert not os.path.exists(path)
+    assert r.producer_closed
+    # frames published before the close are still delivered, then the iteration ends
+    assert [f.seq for f in r.frames(timeout=2)] == [1, 2, 3]
+    r.close()
+    p.close()  # idempotent
+
+
+def test_control_messages_reach_the_producer_in_order(shm_name: str) -> None:
+    with one(shm_name, control_bytes=256) as p, Reader(shm_name) as r1, Reader(shm_name) as r2:
+        assert p.poll_control() == []
+        for i in range(3):
+            r1.send_control(1, f"a{i}".encode())
+        r2.send_control(2)
+        msgs = p.poll_control()
+        assert [(m.kind, m.data) for m in msgs if m.reader == msgs[0].reader] == [
+            (1, b"a0"),
+            (1, b"a1"),
+            (1, b"a2"),
+        ]
+        assert (2, b"") in [(m.kind, m.data) for m in msgs]
+        assert {m.pid for m in msgs} == {os.getpid()}
+        # fill the ring, get a clear error, drain, and go around the end many times
+        with pytest.raises(ControlRingFull, match=shm_name):
+            for i in range(1000):
+                r1.send_control(3, b"x" * 40)
+        assert 1 < len(p.poll_control()) < 1000
+        sent = []
+        for i in range(200):
+            body = os.urandom(i % 50)
+            r1.send_control(i, body)
+            sent.append((i, body))
+            if i % 3 == 0:
+                sent_back = [(m.kind, m.data) for m in p.poll_control()]
+                assert sent_back == sent
+                sent = []
+        assert [(m.kind, m.data) for m in p.poll_control()] == sent
+        with pytest.raises(ControlRingFull, match="ring of"):
+            r1.send_control(1, b"x" * 4096)
+
+
+def test_inspect_reports_readers_lag_and_rate(shm_name: str) -> None:
+    with one(shm_name, slots=8) as p, Reader(shm_name, mode="every", copy=True) as r:
+        for i in range(1, 6):
+            fill(p, i)
+            time.sleep(0.01)
+        r.read(timeout=0)
+        info = inspect(shm_name)
+        assert info.frames == 5
+        assert info.producer_pid == os.getpid()
+        assert info.producer_alive
+        assert info.state == "live"
+        assert info.schema["streams"][0]["units"] == "counts"
+        assert 10 < info.rate < 1000
+        (ri,) = info.readers
+        assert ri.pid == os.getpid()
+        assert ri.alive
+        assert ri.mode == "every"
+        assert ri.lag == 4
+        assert ri.frames == 1
+        assert ri.heartbeat_age < 5
+        text = info.format()
+        assert "img: <u2 (8, 6) [counts]" in text
+        assert "lag 4" in text
+        out = subprocess.run(
+            [sys.executable, "-m", "beampipe_shm._cli", "inspect", shm_name, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert json.loads(out.stdout)["readers"][0]["lag"] == 4
+    missing = subprocess.run(
+        [sys.executable, "-m", "beampipe_shm._cli", "inspect", shm_name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 1
+    assert "does not exist" in missing.stderr
