@@ -140,6 +140,7 @@ class Planner(Generic[K, V]):
         ticket = self._next_ticket
         try:
             for key in keys:
+                hash(key)  # fail here, naming the key, not later inside plan()
                 where = route(key)
                 group = pending.get((op, where))
                 if group is None:
