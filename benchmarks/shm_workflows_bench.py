@@ -157,16 +157,29 @@ def round_trip(kind: str, n: int) -> list[float]:
 
 
 def echo(kind: str, namespace: str, q: str) -> None:
+    """Answer requests from the main thread, as a workflows service does.
+
+    Callbacks are handed to the main thread like CommonService's interceptor does: a Pika
+    callback runs on the pika thread, where a send() would wait for itself.
+    """
+    import queue as queue_module
+    import signal
+
     global NAMESPACE
     NAMESPACE = namespace
     t = make(kind)
+    work: queue_module.Queue[Any] = queue_module.Queue()
+    t.subscription_callback_set_intercept(lambda cb: lambda h, m: work.put((cb, h, m)))
     t.subscribe(q, lambda h, m: t.send(m["reply_to"], {"i": m["i"]}))
-    print("ready", flush=True)
     stop = threading.Event()
-    import signal
-
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait(300)
+    print("ready", flush=True)
+    while not stop.is_set():
+        try:
+            cb, h, m = work.get(timeout=0.2)
+        except queue_module.Empty:
+            continue
+        cb(h, m)
     t.disconnect()
 
 

@@ -35,14 +35,80 @@ def bank_ioc(session_ioc_factory, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _purge_aioca_channels():
+def _purge_aioca_channels(ioc_factory):
     """aioca caches channels per event loop and pytest-asyncio gives each test a new loop.
 
     Channels of a closed loop would call into it on the next connection event,
-    so clear them after every test (a real session has one loop and never needs this).
+    so clear them after every test (a real session has one loop and never needs this),
+    before the test's own IOCs stop (hence ``ioc_factory``: torn down after this).
     """
     yield
     import sys
 
     if "aioca" in sys.modules:
         sys.modules["aioca"].purge_channel_caches()
+
+
+def _free_slot_port() -> int:
+    """A port from EPICS_CA_ADDR_LIST that no IOC of this process has bound (highest first).
+
+    The pytest plugin gives this process a block of CA ports and lists them all in
+    EPICS_CA_ADDR_LIST; softIocs take them from the bottom, so a caproto IOC takes
+    one from the top and libca searches it like any other.
+    """
+    import os
+    import socket
+
+    ports = [int(a.rpartition(":")[2]) for a in os.environ["EPICS_CA_ADDR_LIST"].split()]
+    for port in sorted(ports, reverse=True):
+        socks = []
+        try:
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                s = socket.socket(socket.AF_INET, kind)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free CA port in EPICS_CA_ADDR_LIST for the caproto IOC")
+
+
+@pytest.fixture
+def fake_motor_ioc(tmp_path):
+    """caproto's fake motor-record IOC (mtr1: velocity 1, limits 0..10) on a private port."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+    import time
+
+    prefix = f"BPM{secrets.token_hex(3).upper()}:"
+    port = _free_slot_port()
+    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(port), "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1"}
+    log = (tmp_path / "motor.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "caproto.ioc_examples.fake_motor_record", "--prefix", prefix,
+         "--interfaces", "127.0.0.1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        import beampipe_ca
+
+        deadline = time.monotonic() + 30
+        while beampipe_ca.connect([f"{prefix}mtr1.DMOV"], timeout=1.0):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"fake motor IOC did not come up: {(tmp_path / 'motor.log').read_text()}"
+                )
+        yield f"{prefix}mtr1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()

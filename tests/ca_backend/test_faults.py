@@ -36,7 +36,9 @@ async def test_ioc_restart_monitors_resume_and_nothing_stale(ioc_factory):
     # ophyd-async monitor on the batched backend
     sig = ca_signal_r(float, counter, name="c")
     await sig.connect(timeout=10)
-    sig._connector.backend.read_timeout = 0.5
+    plain = ca_signal_r(float, counter, name="plain")  # no monitor: every read is a get
+    await plain.connect(timeout=10)
+    plain._connector.backend.read_timeout = 0.5
     async_seen: list[tuple[float, float]] = []
     sig.subscribe_reading(lambda r: async_seen.append((r["c"]["value"], r["c"]["timestamp"])))
 
@@ -62,9 +64,11 @@ async def test_ioc_restart_monitors_resume_and_nothing_stale(ioc_factory):
         ioc.stop()
         t_down = time.time()
         await asyncio.sleep(0.5)
-        # Down: a read fails naming the PV, and never hands back the last value.
+        # Down: a read fails naming the PV, and never hands back the last value...
         with pytest.raises(NotConnectedError, match=counter):
-            await sig.get_value()
+            await plain.get_value()
+        # ...and a monitored signal's cached reading keeps its old time stamp.
+        assert (await sig.read())["c"]["timestamp"] <= t_down
         assert beampipe_ca.bulk_get([counter], timeout=0.5) == {counter: None}
         with pytest.raises(CaTimeoutError, match=counter):
             beampipe_ca.caget(counter, timeout=0.5)
@@ -88,9 +92,8 @@ async def test_ioc_restart_monitors_resume_and_nothing_stale(ioc_factory):
         assert async_seen[-1][0] < before.value + (time.time() - t_down) * 10 + 5
         fresh = beampipe_ca.bulk_read([counter], timeout=5)[counter]
         assert fresh is not None and fresh.timestamp >= t_up - 1
-        assert (await sig.get_reading())["timestamp"] >= t_up - 1
+        assert (await plain.read())["plain"]["timestamp"] >= t_up - 1
     finally:
-        sig.clear_sub(sig._connector.backend.set_callback) if False else None
         sig._connector.backend.set_callback(None)
         osig.destroy()
         beampipe.reset()
@@ -104,12 +107,21 @@ async def test_unknown_pv_clear_errors(ioc):
         await ca_signal_r(float, missing, name="m").connect(timeout=0.3)
 
 
-def test_bad_put_types_are_refused(ioc):
-    from epics import caput
+async def test_bad_put_types_are_refused(ioc):
+    import numpy as np
+    from ophyd_async.core import Array1D
 
-    # pyepics to a DBF_DOUBLE: a str that is not a number is refused by the IOC,
-    # the value stays what it was.
-    caput(ioc.pv("long"), 42, wait=True)
-    with pytest.raises(ValueError):  # noqa: PT011 - pyepics raises a bare ValueError
-        caput(ioc.pv("wf_short"), ["a", "b"], wait=True)
-    assert beampipe_ca.bulk_get([ioc.pv("long")], timeout=5)[ioc.pv("long")] == 42
+    from beampipe_ca import ca_signal_rw
+
+    wf = ca_signal_rw(Array1D[np.int16], ioc.pv("wf_short"), name="wf")
+    await wf.connect(timeout=5)
+    await wf.set(np.array([4, 5], dtype=np.int16))
+    with pytest.raises((TypeError, ValueError)):
+        await wf.set(["a", "b"])  # type: ignore[arg-type]
+    np.testing.assert_array_equal(await wf.get_value(), [4, 5])
+    num = ca_signal_rw(float, ioc.pv("ao"), name="num")
+    await num.connect(timeout=5)
+    for bad in ("1.0", True, [1.0]):
+        with pytest.raises(TypeError, match=ioc.pv("ao")):
+            await num.set(bad)  # type: ignore[arg-type]
+    assert await num.get_value() == 1.5

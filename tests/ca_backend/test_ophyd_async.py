@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated as A
 
 import numpy as np
 import pytest
@@ -10,11 +11,14 @@ from ophyd_async.core import (
     Array1D,
     DeviceVector,
     NotConnectedError,
+    SignalR,
+    SignalRW,
     StandardReadable,
     StrictEnum,
     SubsetEnum,
     init_devices,
 )
+from ophyd_async.epics.core import EpicsDevice, PvSuffix
 
 import beampipe
 from beampipe_ca import (
@@ -236,3 +240,20 @@ async def test_use_makes_ophyd_async_epics_signals_use_it(ioc):
         beampipe.reset()
     sig3 = epics_signal_r(float, ioc.pv("ao"), name="sig3")
     assert not isinstance(sig3._connector.backend, CaSignalBackend)
+
+
+class Thing(EpicsDevice):
+    value: A[SignalRW[float], PvSuffix("ao")]
+    label: A[SignalR[str], PvSuffix("str")]
+
+
+async def test_use_makes_epics_device_use_it(ioc):
+    beampipe.use("beampipe-ca", ophyd=False)
+    try:
+        thing = Thing(ioc.prefix, name="thing")
+        await thing.connect(timeout=10)
+        assert isinstance(thing.value._connector.backend, CaSignalBackend)
+        assert await thing.value.get_value() == 1.5
+        assert await thing.label.get_value() == "hello"
+    finally:
+        beampipe.reset()

@@ -171,3 +171,39 @@ def test_device_of_200_pvs_connects_with_batched_metadata(cl, bank_ioc):
     assert ctx.batches_issued - before < 40, ctx.batches_issued - before
     assert _batcher.batches - meta_before < 40
     dev.destroy()
+
+
+def test_release_keeps_a_channel_another_pv_object_uses(cl, ioc):
+    """pyepics shares one chid per name: releasing ours must not clear a user's epics.PV."""
+    import epics
+    from ophyd import EpicsSignalRO
+
+    theirs = epics.PV(ioc.pv("counter"), auto_monitor=False)
+    assert theirs.wait_for_connection(timeout=10)
+    ours = EpicsSignalRO(ioc.pv("counter"), name="o")
+    ours.wait_for_connection(timeout=10)
+    ours.destroy()
+    assert theirs.get(use_monitor=False, timeout=5) is not None
+    assert theirs.connected
+    theirs.disconnect()
+
+
+def test_ophyd_control_layer_environment_variable(ioc):
+    """``OPHYD_CONTROL_LAYER=beampipe-ca`` and a plain ``import ophyd`` is all a script needs."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import ophyd\n"
+        "from ophyd import EpicsSignalRO\n"
+        f"s = EpicsSignalRO({ioc.pv('long')!r}, name='s')\n"
+        "s.wait_for_connection(timeout=10)\n"
+        "print(ophyd.cl.name, s.get())\n"
+    )
+    env = {**os.environ, "OPHYD_CONTROL_LAYER": "beampipe-ca"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["beampipe-ca", "42"]

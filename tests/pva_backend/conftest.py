@@ -102,7 +102,7 @@ class PvaServer:
 
 @pytest.fixture
 def pva_server() -> Iterator[PvaServer]:
-    """A p4p Server serving NTTable, NTEnum, NTScalar and NTNDArray (plain, compressed, malformed)."""
+    """p4p's Server with NTTable, NTEnum, NTScalar, NTNDArray (plain, compressed, malformed)."""
     srv = PvaServer()
     srv.add("table", TABLE_TYPE.wrap(TABLE_ROWS))
     srv.add("enum", NTEnum().wrap({"index": 1, "choices": ["Low", "High", "Auto"]}))

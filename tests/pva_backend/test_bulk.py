@@ -19,7 +19,6 @@ from .conftest import IMAGE, PvaServer
 pytestmark = pytest.mark.allow_leaks("shm")
 
 
-
 def test_bulk_get_scalars_from_qsrv(ioc) -> None:
     names = [ioc.pv(s) for s in ("ao", "long", "str", "enum", "wf", "alarmed")]
     values = beampipe_pva.bulk_get(names)

@@ -1,4 +1,4 @@
-"""The ophyd-async backend over real servers: connect-time type checks, reads, metadata, puts, monitors."""
+"""The ophyd-async backend on real servers: connect-time type checks, reads, puts, monitors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from ophyd_async.core import (
     init_devices,
 )
 from ophyd_async.epics.core import epics_signal_r, epics_signal_rw
-from p4p import Value
 from p4p.server.raw import SharedPV
 
 import beampipe
@@ -30,7 +29,6 @@ from .conftest import IMAGE, TABLE_ROWS, TABLE_TYPE, PvaServer
 # This plugin never touches /dev/shm; the shm guard is machine-wide and, while the SHM plugin's
 # tests run in parallel on the same machine, it sees their bp.* segments come and go.
 pytestmark = pytest.mark.allow_leaks("shm")
-
 
 
 class OnOff(StrictEnum):
@@ -225,3 +223,43 @@ async def test_registry_routes_pva_signals_and_device_connects_in_one_batch(ioc)
     assert co.batches_issued == before + 1
     values = await asyncio.gather(*(getattr(many, f"s{i}").get_value() for i in range(len(names))))
     assert values == [pytest.approx(1.5), pytest.approx(5.0)]
+
+
+async def test_monitor_burst_ends_on_the_last_value(ioc) -> None:
+    """A burst of updates must not leave the subscriber behind on a stale value."""
+    ao = rw(float, ioc.pv("ao"))
+    await ao.connect(timeout=5)
+    last: list[float] = []
+    done = asyncio.Event()
+
+    def on_reading(reading: dict) -> None:
+        last.append(reading["sig"]["value"])
+        if last[-1] == pytest.approx(9.9):
+            done.set()
+
+    ao.subscribe_reading(on_reading)
+    try:
+        for i in range(100):  # fire-and-forget puts: a burst faster than one round trip each
+            beampipe_pva.put_value(ioc.pv("ao"), i / 10, wait=False, complete=False)
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        ao.clear_sub(on_reading)
+    assert last[-1] == pytest.approx(9.9)
+
+
+async def test_reads_fail_while_server_down_and_recover(ioc) -> None:
+    ao = ro(float, ioc.pv("ao"))
+    await ao.connect(timeout=5)
+    ao._connector.backend.read_timeout = 0.5
+    ioc.stop()
+    with pytest.raises(NotConnectedError, match=ioc.pv("ao")):
+        await ao.get_value()
+    ioc.start()
+    value = None
+    for _ in range(40):  # bounded: pvxs reconnects within a few search periods
+        try:
+            value = await ao.get_value()
+            break
+        except NotConnectedError:
+            await asyncio.sleep(0.25)
+    assert value == pytest.approx(1.5)

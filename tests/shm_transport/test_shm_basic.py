@@ -6,6 +6,7 @@ opens its own descriptor and mapping), so these exercise the real protocol.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -78,7 +79,7 @@ def test_write_in_place_and_read_zero_copy(shm_name: str) -> None:
             assert not a.flags.writeable
             with pytest.raises(ValueError, match="read-only"):
                 a[0, 0] = 1
-            with pytest.raises(ValueError, match="WRITEABLE|writeable"):
+            with pytest.raises(ValueError, match=r"WRITEABLE|writeable"):
                 a.flags.writeable = True
             assert got.leased
         assert not got.leased
@@ -246,9 +247,8 @@ def test_errors_name_the_stream(shm_name: str) -> None:
         r1.close()
         Reader(shm_name).close()  # a freed record is reused
         r2.close()
-        with pytest.raises(RuntimeError, match="still open"):
-            with p.frame():
-                p.frame()
+        with pytest.raises(RuntimeError, match="still open"), p.frame():
+            p.frame()
     with pytest.raises(ValueError, match="stream name"):
         Producer("../etc", [IMG])
     with pytest.raises(ValueError, match="object"):
@@ -264,9 +264,14 @@ def test_errors_name_the_stream(shm_name: str) -> None:
 def test_aborted_frame_is_never_visible(shm_name: str) -> None:
     with one(shm_name) as p, Reader(shm_name, mode="every", copy=True) as r:
         fill(p, 1)
-        with pytest.raises(ZeroDivisionError), p.frame() as f:
-            f["img"][...] = 99
-            1 / 0  # noqa: B018
+
+        def write_then_fail() -> None:
+            with p.frame() as f:
+                f["img"][...] = 99
+                raise ZeroDivisionError
+
+        with pytest.raises(ZeroDivisionError):
+            write_then_fail()
         fill(p, 2)
         seqs = [r.read(timeout=0), r.read(timeout=0), r.read(timeout=0)]
         assert [(s.seq, int(s["img"][0, 0])) for s in seqs if s] == [(1, 1), (2, 2)]
@@ -320,9 +325,13 @@ def test_control_messages_reach_the_producer_in_order(shm_name: str) -> None:
         assert (2, b"") in [(m.kind, m.data) for m in msgs]
         assert {m.pid for m in msgs} == {os.getpid()}
         # fill the ring, get a clear error, drain, and go around the end many times
-        with pytest.raises(ControlRingFull, match=shm_name):
-            for i in range(1000):
+
+        def flood() -> None:
+            for _ in range(1000):
                 r1.send_control(3, b"x" * 40)
+
+        with pytest.raises(ControlRingFull, match=shm_name):
+            flood()
         assert 1 < len(p.poll_control()) < 1000
         sent = []
         for i in range(200):
@@ -377,3 +386,18 @@ def test_inspect_reports_readers_lag_and_rate(shm_name: str) -> None:
     )
     assert missing.returncode == 1
     assert "does not exist" in missing.stderr
+
+
+def test_forgotten_producer_and_reader_clean_up_after_themselves(shm_name: str) -> None:
+    p = one(shm_name)
+    r = Reader(shm_name)
+    assert len(inspect(shm_name).readers) == 1
+    del r
+    gc.collect()
+    assert inspect(shm_name).readers == []
+    r2 = Reader(shm_name, mode="every")
+    del p
+    gc.collect()
+    assert not os.path.exists(f"/dev/shm/bp.{shm_name}")
+    assert r2.producer_closed
+    r2.close()

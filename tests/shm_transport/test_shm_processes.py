@@ -252,3 +252,12 @@ def test_zero_copy_data_matches_across_processes(shm_name: str, agents: Any) -> 
             with r.read(timeout=1) as f:
                 assert f is not None
                 assert np.array_equal(f["img"], a)
+
+
+def test_producer_process_exiting_without_close_removes_its_segment(
+    shm_name: str, agents: Any
+) -> None:
+    prod = agents("produce", name=shm_name, n=3, shape=[4], close=False)
+    prod.expect("done")
+    assert prod.wait() == 0
+    assert not os.path.exists(f"/dev/shm/bp.{shm_name}")

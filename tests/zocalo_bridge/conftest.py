@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -98,7 +99,10 @@ class Queues:
             ch = conn.channel()
             ch.confirm_delivery()
             ch.basic_publish(
-                "", name, body, pika.BasicProperties(headers=headers, delivery_mode=2),
+                "",
+                name,
+                body,
+                pika.BasicProperties(headers=headers, delivery_mode=2),
                 mandatory=True,
             )
         finally:
@@ -123,6 +127,7 @@ class Service:
     name: str
     env: dict[str, str]
     log: Path
+    transport_args: list[str]
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -130,9 +135,11 @@ class Service:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(
-                [ZOCALO_SERVICE, "-s", self.name, "-t", "GuardedPikaTransport",
-                 "--rabbit-host", self.env["_HOST"], "--rabbit-port", self.env["_PORT"]],
-                env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                [ZOCALO_SERVICE, "-s", self.name, *self.transport_args],
+                env=self.env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.starts += 1
         return self
@@ -157,17 +164,32 @@ class Service:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def pika_args(broker: BrokerParams) -> list[str]:
+    return [
+        "-t",
+        "GuardedPikaTransport",
+        "--rabbit-host",
+        broker.host,
+        "--rabbit-port",
+        str(broker.port),
+    ]
+
+
 @pytest.fixture
-def services(broker: BrokerParams, tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    """Start ``zocalo.service -s <name>`` subprocesses; all are stopped at teardown."""
+def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Start ``zocalo.service -s <name>`` subprocesses; all are stopped at teardown.
+
+    On RabbitMQ (GuardedPikaTransport) unless ``transport_args`` says otherwise.
+    """
     started: list[Service] = []
 
-    def start(name: str, **settings: str) -> Service:
+    def start(name: str, transport_args: list[str] | None = None, **settings: str) -> Service:
+        if transport_args is None:
+            transport_args = pika_args(request.getfixturevalue("broker"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("BEAMPIPE_ZOCALO_")}
         env.pop("ZOCALO_CONFIG", None)
         env.update({f"BEAMPIPE_ZOCALO_{k.upper()}": str(v) for k, v in settings.items()})
-        env.update({"_HOST": broker.host, "_PORT": str(broker.port)})
-        svc = Service(name, env, tmp_path / f"{name}-{len(started)}.log")
+        svc = Service(name, env, tmp_path / f"{name}-{len(started)}.log", transport_args)
         started.append(svc)
         return svc.start()
 
@@ -176,8 +198,9 @@ def services(broker: BrokerParams, tmp_path: Path) -> Iterator[Callable[..., Ser
         svc.stop()
 
 
-def wait_consumers(queues: Queues, name: str, n: int = 1, timeout: float = 30.0,
-                   service: Service | None = None) -> None:
+def wait_consumers(
+    queues: Queues, name: str, n: int = 1, timeout: float = 30.0, service: Service | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
@@ -188,3 +211,55 @@ def wait_consumers(queues: Queues, name: str, n: int = 1, timeout: float = 30.0,
         time.sleep(0.2)
     out = service.output()[-3000:] if service else ""
     raise AssertionError(f"no consumer on {name} after {timeout} s\n{out}")
+
+
+@dataclass
+class Backend:
+    """One transport the bridge runs on: RabbitMQ (GuardedPikaTransport) or ShmTransport."""
+
+    kind: str
+    name: Callable[[str], str]
+    factory: Callable[[], Any]
+    publisher: Callable[[], Any]
+    service_args: list[str]
+    queues: Queues | None = None
+
+    def wait_ready(self, queue: str, service: Service, ready_line: str) -> None:
+        if self.queues is not None:
+            wait_consumers(self.queues, queue, service=service)
+            return
+        deadline = time.monotonic() + 30
+        while ready_line not in service.output():
+            if not service.alive():
+                raise AssertionError(f"{service.name} exited:\n{service.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{service.name} not ready:\n{service.output()[-3000:]}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(params=["pika", "shm"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    from beampipe_zocalo import GuardedPikaTransport, PikaPublisher, TransportPublisher
+
+    if request.param == "pika":
+        broker = request.getfixturevalue("broker")
+        queues = request.getfixturevalue("queues")
+        yield Backend(
+            "pika",
+            queues,
+            lambda: GuardedPikaTransport(broker=broker),
+            lambda: PikaPublisher(broker),
+            pika_args(broker),
+            queues,
+        )
+        return
+    shm = pytest.importorskip("beampipe_shm")
+    ns = f"bpzt{secrets.token_hex(4)}"
+    yield Backend(
+        "shm",
+        lambda suffix: f"bptest.{suffix}",
+        lambda: shm.ShmTransport(namespace=ns),
+        lambda: TransportPublisher(lambda: shm.ShmTransport(namespace=ns)),
+        ["-t", "ShmTransport", "--shm-namespace", ns],
+    )
+    shm.ShmTransport.remove_store(ns)

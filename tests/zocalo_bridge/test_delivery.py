@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ def test_broker_down_goes_to_fallback_and_replay_resends(
     processing = queues("processing")
     fallback = tmp_path / "spool" / "zocalo-fallback.jsonl"
     dead = BrokerParams("127.0.0.1", closed_port())
-    rule = TriggerRule(name="xia2", recipes=["example-xia2"],
-                       parameters={"ispyb_dcid": "start.ispyb_dcid"})
+    rule = TriggerRule(
+        name="xia2", recipes=["example-xia2"], parameters={"ispyb_dcid": "start.ispyb_dcid"}
+    )
     with ReliableSender(PikaPublisher(dead), fallback=fallback, retry_for=0.3) as sender:
         cb = ZocaloCallback([rule], sender, queue=processing)
         run_engine(count([], num=1, md={"ispyb_dcid": 9}), cb)  # start + end
@@ -54,9 +56,17 @@ def test_broker_down_goes_to_fallback_and_replay_resends(
     assert all(r["headers"]["zocalo.go.user"] and r["queue"] == processing for r in lines)
 
     proc = subprocess.run(
-        [str(VENV_BIN / "beampipe-zocalo-replay"), str(fallback), "--host", broker.host,
-         "--port", str(broker.port)],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(VENV_BIN / "beampipe-zocalo-replay"),
+            str(fallback),
+            "--host",
+            broker.host,
+            "--port",
+            str(broker.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "replayed 2 message(s)" in proc.stdout
@@ -71,8 +81,10 @@ def test_broker_restart_mid_scan_loses_nothing(
     run_engine: Any, rabbitmq: Any, broker: Any, queues: Any, services: Any, tmp_path: Path
 ) -> None:
     processing, analysis = queues("processing"), queues("analysis")
-    svcs = [services("BeampipeDispatcher", processing_queue=processing),
-            services("BeampipeFrameAnalysis", analysis_queue=analysis)]
+    svcs = [
+        services("BeampipeDispatcher", processing_queue=processing),
+        services("BeampipeFrameAnalysis", analysis_queue=analysis),
+    ]
     wait_consumers(queues, processing, service=svcs[0])
     wait_consumers(queues, analysis, service=svcs[1])
 
@@ -101,8 +113,9 @@ def test_broker_restart_mid_scan_loses_nothing(
     supervisor = threading.Thread(target=supervise, name="test-supervisor")
     supervisor.start()
     try:
-        cb = ZocaloCallback([frame_rule(analysis, "restart")], sender, queue=processing,
-                            reply_to=listener.queue)
+        cb = ZocaloCallback(
+            [frame_rule(analysis, "restart")], sender, queue=processing, reply_to=listener.queue
+        )
         results = ZocaloResults(listener, cb, rules=["frames"], timeout=150, name="zocalo")
         run_engine(ensure_connected(results))
         motor, cam = make_devices()
@@ -116,18 +129,28 @@ def test_broker_restart_mid_scan_loses_nothing(
                 yield from bps.one_nd_step(detectors, step, pos_cache)
                 yield from bps.sleep(0.3)
 
-            yield from scan([cam], motor, 0, n - 1, n, per_step=per_step,
-                            md={"ispyb_dcid": 1, "bptest": "restart"})
+            yield from scan(
+                [cam],
+                motor,
+                0,
+                n - 1,
+                n,
+                per_step=per_step,
+                md={"ispyb_dcid": 1, "bptest": "restart"},
+            )
             yield from count([results])
 
         readings: list[dict[str, Any]] = []
-        run_engine(slow_scan(), {"all": cb, "event": lambda n_, d: readings.append(d)})
-        run_engine.subscribe  # noqa: B018
+        run_engine(
+            slow_scan(),
+            {"all": [cb, restart_at_event_3], "event": lambda n_, d: readings.append(d)},
+        )
         (event,) = [d for d in readings if "zocalo-count" in d["data"]]
         assert restarted.wait(120)
         assert event["data"]["zocalo-count"] == n
-        np.testing.assert_allclose(event["data"]["zocalo-centroid_x"], 8.0 + np.arange(n),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            event["data"]["zocalo-centroid_x"], 8.0 + np.arange(n), atol=1e-6
+        )
         assert sender.stats.to_fallback == 0 and sender.stats.sent == n
         assert sender.stats.retries >= 1  # it really was cut off
         assert not listener.rejected
@@ -139,3 +162,24 @@ def test_broker_restart_mid_scan_loses_nothing(
         supervisor.join()
         listener.close()
         sender.close()
+
+
+def test_sender_never_blocks_and_never_drops_when_its_queue_is_full(tmp_path: Path) -> None:
+    fallback = tmp_path / "fb.jsonl"
+    dead = BrokerParams("127.0.0.1", closed_port())
+    sender = ReliableSender(PikaPublisher(dead), fallback=fallback, retry_for=1.0, max_pending=1)
+    try:
+        t0 = time.monotonic()
+        for i in range(5):
+            sender.send("q", {"i": i}, {"h": 1})
+        assert time.monotonic() - t0 < 0.5  # the caller (a RunEngine) never waits on a broker
+        assert sender.flush(30)
+    finally:
+        sender.close()
+    kept = sorted(
+        json.loads(json.loads(ln)["body"])["i"] for ln in fallback.read_text().splitlines()
+    )
+    assert kept == [0, 1, 2, 3, 4]
+    assert sender.stats.to_fallback == 5
+    with ReliableSender(PikaPublisher(dead)) as other, pytest.raises(ValueError, match="headers"):
+        other.send("q", {}, {})

@@ -20,8 +20,13 @@ def recipe_message(analysis: str, reply_to: str, frame: Any) -> dict[str, Any]:
     recipe = analysis_recipe(analysis)
     recipe["1"]["parameters"] = {"frame": frame, "run_uid": "r", "trigger_id": f"r/x/{frame}"}
     recipe["2"]["queue"] = reply_to
-    return {"recipe": recipe, "recipe-pointer": 1, "recipe-path": [], "environment": {},
-            "payload": None}
+    return {
+        "recipe": recipe,
+        "recipe-pointer": 1,
+        "recipe-path": [],
+        "environment": {},
+        "payload": None,
+    }
 
 
 def dead_letters(queues: Any, q: str, n: int, timeout: float = 20) -> list[dict[str, Any]]:
@@ -40,8 +45,9 @@ def test_malformed_messages_go_to_the_dlq_with_reasons(queues: Any, services: An
     queues.publish_raw(analysis, b'{"recipe": {}}', None)  # no headers at all
     queues.publish_raw(analysis, b"not json {", go_headers())
     queues.publish_raw(analysis, b'{"payload": 1}', recipe_header)  # no recipe
-    queues.publish_raw(analysis, json.dumps(recipe_message(analysis, replies, [1, 2])).encode(),
-                       recipe_header)  # 1-D frame
+    queues.publish_raw(
+        analysis, json.dumps(recipe_message(analysis, replies, [1, 2])).encode(), recipe_header
+    )  # 1-D frame
     reasons = [d["reason"] for d in dead_letters(queues, analysis, 4)]
     assert reasons == [
         "published without headers",
@@ -52,8 +58,9 @@ def test_malformed_messages_go_to_the_dlq_with_reasons(queues: Any, services: An
 
     queues.publish_raw(processing, b'{"parameters": {}}', go_headers())
     queues.publish_raw(processing, b'{"recipes": ["xia2"]}', go_headers())
-    queues.publish_raw(processing, json.dumps({"custom_recipe": {"start": []}}).encode(),
-                       go_headers())
+    queues.publish_raw(
+        processing, json.dumps({"custom_recipe": {"start": []}}).encode(), go_headers()
+    )
     dl = dead_letters(queues, processing, 3)
     assert dl[0]["reason"].startswith("missing recipe")
     assert "no recipe directory is configured" in dl[1]["reason"]

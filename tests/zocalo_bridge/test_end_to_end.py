@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from beampipe_zocalo import (
     TriggerRule,
     ZocaloCallback,
     ZocaloResults,
+    ZocaloResultsError,
     ZocaloResultsTimeout,
 )
 
@@ -34,7 +36,7 @@ from .conftest import wait_consumers
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-SHAPE = (12, 20)
+SHAPE = (12, 32)
 
 
 def spot(x: float) -> np.ndarray:
@@ -89,20 +91,23 @@ def make_devices() -> tuple[SynAxis, SynSignal]:
 
 
 def test_scan_triggers_recipe_and_plan_gets_results(
-    run_engine: Any, broker: Any, queues: Any, services: Any, tmp_path: Path
+    run_engine: Any, backend: Any, services: Any, tmp_path: Path
 ) -> None:
-    processing, analysis = queues("processing"), queues("analysis")
-    dispatcher = services("BeampipeDispatcher", processing_queue=processing)
-    analyser = services("BeampipeFrameAnalysis", analysis_queue=analysis)
-    wait_consumers(queues, processing, service=dispatcher)
-    wait_consumers(queues, analysis, service=analyser)
+    """The whole path, on RabbitMQ and on the broker-less SHM transport alike."""
+    processing, analysis = backend.name("processing"), backend.name("analysis")
+    args = backend.service_args
+    dispatcher = services("BeampipeDispatcher", args, processing_queue=processing)
+    analyser = services("BeampipeFrameAnalysis", args, analysis_queue=analysis)
+    backend.wait_ready(processing, dispatcher, "dispatching requests from")
+    backend.wait_ready(analysis, analyser, "frame analysis on")
 
     tag = secrets.token_hex(4)
-    listener = ResultsListener(broker=broker, queue=queues("results")).start()
-    sender = ReliableSender(PikaPublisher(broker), fallback=tmp_path / "fallback.jsonl")
+    listener = ResultsListener(backend.factory, queue=backend.name("results")).start()
+    sender = ReliableSender(backend.publisher(), fallback=tmp_path / "fallback.jsonl")
     try:
-        cb = ZocaloCallback([frame_rule(analysis, tag)], sender, queue=processing,
-                            reply_to=listener.queue)
+        cb = ZocaloCallback(
+            [frame_rule(analysis, tag)], sender, queue=processing, reply_to=listener.queue
+        )
         results = ZocaloResults(listener, cb, rules=["frames"], timeout=30, name="zocalo")
         run_engine(ensure_connected(results))
         motor, cam = make_devices()
@@ -150,8 +155,9 @@ def test_results_timeout_names_run_and_queue(run_engine: Any, broker: Any, queue
     sender = ReliableSender(PikaPublisher(broker))
     try:
         processing = queues("processing")
-        cb = ZocaloCallback([frame_rule(queues("analysis"), "t")], sender, queue=processing,
-                            reply_to=listener.queue)
+        cb = ZocaloCallback(
+            [frame_rule(queues("analysis"), "t")], sender, queue=processing, reply_to=listener.queue
+        )
         results = ZocaloResults(listener, cb, timeout=1.0, name="zocalo")
         run_engine(ensure_connected(results))
         motor, cam = make_devices()
@@ -184,14 +190,28 @@ def test_document_forwarder_and_trigger_service(
     docs, processing = queues("documents"), queues("processing")
     tag = secrets.token_hex(4)
     rules_file = tmp_path / "rules.json"
-    rules_file.write_text(json.dumps([
-        {"name": "xia2", "recipes": ["example-xia2"], "on": ["start", "end"],
-         "match": {"bptest": tag},
-         "parameters": {"ispyb_dcid": "start.ispyb_dcid",
-                        "n_frames": {"path": "stop.num_events.primary", "default": None}}},
-    ]))
-    trigger = services("BeampipeDocumentTrigger", documents_queue=docs,
-                       processing_queue=processing, rules=str(rules_file))
+    rules_file.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "xia2",
+                    "recipes": ["example-xia2"],
+                    "on": ["start", "end"],
+                    "match": {"bptest": tag},
+                    "parameters": {
+                        "ispyb_dcid": "start.ispyb_dcid",
+                        "n_frames": {"path": "stop.num_events.primary", "default": None},
+                    },
+                },
+            ]
+        )
+    )
+    trigger = services(
+        "BeampipeDocumentTrigger",
+        documents_queue=docs,
+        processing_queue=processing,
+        rules=str(rules_file),
+    )
     wait_consumers(queues, docs, service=trigger)
     sender = ReliableSender(PikaPublisher(broker))
     try:
@@ -211,3 +231,188 @@ def test_document_forwarder_and_trigger_service(
     finally:
         sender.close()
         trigger.stop()
+
+
+class _Tracker:
+    """Stands in for the callback: says which run and trigger ids to wait for."""
+
+    def __init__(self, reply_to: str) -> None:
+        self.reply_to = reply_to
+        self.last_triggered: str | None = None
+        self.sent: dict[str, list[str]] = {}
+
+    def expected(self, run_uid: str) -> list[str]:
+        return self.sent.get(run_uid, [])
+
+
+def _result(run: str, tid: str, value: float) -> bytes:
+    payload = {"beampipe_run_uid": run, "beampipe_trigger_id": tid, "results": {"sum": value}}
+    return json.dumps({"payload": payload, "recipe": {}, "recipe-pointer": 2}).encode()
+
+
+def test_results_are_per_run_deduplicated_and_never_stale(
+    run_engine: Any, broker: Any, queues: Any
+) -> None:
+    from beampipe_zocalo import go_headers
+
+    listener = ResultsListener(broker=broker, queue=queues("results")).start()
+    try:
+        tracker = _Tracker(listener.queue)
+        results = ZocaloResults(listener, tracker, fields=["sum"], timeout=10, name="z")
+        run_engine(ensure_connected(results))
+        # Run A's results (stale by the time run B is awaited), run B's with a duplicate
+        # (at-least-once delivery), and garbage: none may confuse run B's reading.
+        for body in (
+            _result("A", "A/r/end", 1.0),
+            _result("B", "B/r/event/1", 2.0),
+            _result("B", "B/r/event/1", 2.0),
+            b"garbage",
+        ):
+            queues.publish_raw(listener.queue, body, go_headers())
+        tracker.sent = {"A": ["A/r/end"], "B": ["B/r/event/1", "B/r/event/2"]}
+        tracker.last_triggered = "B"
+        late = threading.Timer(
+            0.5,
+            queues.publish_raw,
+            (listener.queue, _result("B", "B/r/event/2", 3.0), go_headers()),
+        )
+        late.start()
+        try:
+            run_engine(bps.trigger(results, wait=True))  # awaits B/r/event/2 in the RE's loop
+        finally:
+            late.join()
+        reading = run_engine_read(run_engine, results)
+        np.testing.assert_array_equal(reading["z-sum"]["value"], [2.0, 3.0])
+        assert reading["z-run_uid"]["value"] == "B"
+        assert listener.duplicates == 1
+        assert len(listener.rejected) == 1 and "garbage" in listener.rejected[0]
+        with pytest.raises(ZocaloResultsError, match="reply_to"):
+            ZocaloResults(listener, _Tracker("elsewhere"))
+    finally:
+        listener.close()
+
+
+def test_two_listeners_in_one_process_keep_their_own_results(broker: Any, queues: Any) -> None:
+    """workflows 3.3 shares subscription callbacks between transports of one process."""
+    from beampipe_zocalo import go_headers
+
+    a = ResultsListener(broker=broker, queue=queues("a")).start()
+    b = ResultsListener(broker=broker, queue=queues("b")).start()
+    try:
+        got = threading.Event()
+        a.on_result = lambda run, tid: got.set()
+        queues.publish_raw(a.queue, _result("RA", "RA/r/end", 1.0), go_headers())
+        assert got.wait(10)
+        assert list(a.results("RA")) == ["RA/r/end"] and b.results("RA") == {}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rules_run_in_a_service_and_results_still_come_back(
+    run_engine: Any, backend: Any, services: Any, tmp_path: Path
+) -> None:
+    """DocumentForwarder -> BeampipeDocumentTrigger -> Dispatcher -> FrameAnalysis -> plan."""
+    docs_q, processing = backend.name("documents"), backend.name("processing")
+    analysis = backend.name("analysis")
+    tag = secrets.token_hex(4)
+    rule = frame_rule(analysis, tag)
+    rules_file = tmp_path / "rules.json"
+    rules_file.write_text(
+        json.dumps(
+            [
+                {
+                    "name": rule.name,
+                    "on": list(rule.on),
+                    "custom_recipe": rule.custom_recipe,
+                    "parameters": {"frame": "event.data.cam", "ispyb_dcid": "start.ispyb_dcid"},
+                    "match": {"bptest": tag},
+                }
+            ]
+        )
+    )
+    args = backend.service_args
+    svcs = [
+        services(
+            "BeampipeDocumentTrigger",
+            args,
+            documents_queue=docs_q,
+            processing_queue=processing,
+            rules=str(rules_file),
+        ),
+        services("BeampipeDispatcher", args, processing_queue=processing),
+        services("BeampipeFrameAnalysis", args, analysis_queue=analysis),
+    ]
+    for svc, q, line in zip(
+        svcs,
+        (docs_q, processing, analysis),
+        ("rule(s); documents from", "dispatching requests from", "frame analysis on"),
+        strict=True,
+    ):
+        backend.wait_ready(q, svc, line)
+    listener = ResultsListener(backend.factory, queue=backend.name("results")).start()
+    sender = ReliableSender(backend.publisher())
+    try:
+        # Same rules on the RunEngine side, only so the device knows what to wait for.
+        fwd = DocumentForwarder(sender, queue=docs_q, rules=[rule], reply_to=listener.queue)
+        results = ZocaloResults(listener, fwd, timeout=30, name="zocalo")
+        run_engine(ensure_connected(results))
+        motor, cam = make_devices()
+        readings: list[dict[str, Any]] = []
+        run_engine(scan([cam], motor, -1, 1, 3, md={"ispyb_dcid": 3, "bptest": tag}), fwd)
+        run_engine(count([results]), lambda n, d: readings.append(d) if n == "event" else None)
+        assert readings[0]["data"]["zocalo-count"] == 3
+        np.testing.assert_allclose(readings[0]["data"]["zocalo-centroid_x"], [7, 8, 9], atol=1e-6)
+        assert sender.stats.sent == 5  # start, 3 events, stop: documents, not requests
+    finally:
+        listener.close()
+        sender.close()
+
+
+def test_frames_by_reference_through_a_shm_frame_stream(
+    run_engine: Any, backend: Any, services: Any
+) -> None:
+    """The trigger carries a frame id; the analysis copies the frame out of a beampipe_shm ring."""
+    shm = pytest.importorskip("beampipe_shm")
+    processing, analysis = backend.name("processing"), backend.name("analysis")
+    args = backend.service_args
+    dispatcher = services("BeampipeDispatcher", args, processing_queue=processing)
+    analyser = services("BeampipeFrameAnalysis", args, analysis_queue=analysis)
+    backend.wait_ready(processing, dispatcher, "dispatching requests from")
+    backend.wait_ready(analysis, analyser, "frame analysis on")
+    stream = f"bpzf{secrets.token_hex(4)}"
+    recipe = analysis_recipe(analysis)
+    recipe["1"]["parameters"] = {
+        "frame_stream": stream,
+        "frame_id": "{frame_id}",
+        "run_uid": "{beampipe_run_uid}",
+        "trigger_id": "{beampipe_trigger_id}",
+    }
+    rule = TriggerRule(
+        name="frames",
+        on=["event"],
+        custom_recipe=recipe,
+        parameters={"frame_id": "event.seq_num"},
+    )
+    producer = shm.Producer(stream, [shm.StreamSpec("cam", np.float64, SHAPE)], slots=16)
+    listener = ResultsListener(backend.factory, queue=backend.name("results")).start()
+    sender = ReliableSender(backend.publisher())
+    try:
+        frames = shm.FrameCallback(producer, "cam")
+        cb = ZocaloCallback([rule], sender, queue=processing, reply_to=listener.queue)
+        results = ZocaloResults(listener, cb, timeout=30, name="zocalo")
+        run_engine(ensure_connected(results))
+        motor, cam = make_devices()
+        readings: list[dict[str, Any]] = []
+        run_engine(scan([cam], motor, -2, 2, 5), {"all": [frames, cb]})  # frames first
+        run_engine(count([results]), lambda n, d: readings.append(d) if n == "event" else None)
+        assert frames.published == 5
+        np.testing.assert_allclose(
+            readings[0]["data"]["zocalo-centroid_x"], [6, 7, 8, 9, 10], atol=1e-6
+        )
+        # Only ids went over the wire, not pixels.
+        assert all("frame" not in t.message["parameters"] for t in cb.triggers)
+    finally:
+        listener.close()
+        sender.close()
+        producer.close()

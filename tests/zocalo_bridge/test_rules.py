@@ -28,32 +28,59 @@ def docs(uid: str = "run1", md: dict[str, Any] | None = None, n: int = 2) -> lis
     start = {"uid": uid, "time": 0.0, "plan_name": "scan", **(md or {})}
     desc = {"uid": f"{uid}-d", "run_start": uid, "name": "primary", "data_keys": {}}
     events = [
-        ("event", {"uid": f"{uid}-e{i}", "descriptor": f"{uid}-d", "seq_num": i + 1,
-                   "data": {"det": float(i)}, "timestamps": {"det": 0.0}, "time": 0.0})
+        (
+            "event",
+            {
+                "uid": f"{uid}-e{i}",
+                "descriptor": f"{uid}-d",
+                "seq_num": i + 1,
+                "data": {"det": float(i)},
+                "timestamps": {"det": 0.0},
+                "time": 0.0,
+            },
+        )
         for i in range(n)
     ]
-    stop = {"uid": f"{uid}-s", "run_start": uid, "exit_status": "success",
-            "num_events": {"primary": n}}
+    stop = {
+        "uid": f"{uid}-s",
+        "run_start": uid,
+        "exit_status": "success",
+        "num_events": {"primary": n},
+    }
     return [("start", start), ("descriptor", desc), *events, ("stop", stop)]
 
 
 def test_start_end_rule_maps_parameters_from_start_metadata() -> None:
     rule = TriggerRule(
-        name="xia2", recipes=["example-xia2"],
-        parameters={"ispyb_dcid": "start.ispyb_dcid", "n": Param("stop.num_events.primary", 0),
-                    "beamline": Value("i03"), "file": "start.detector.filename"},
+        name="xia2",
+        recipes=["example-xia2"],
+        parameters={
+            "ispyb_dcid": "start.ispyb_dcid",
+            "n": Param("stop.num_events.primary", 0),
+            "beamline": Value("i03"),
+            "file": "start.detector.filename",
+        },
     )
     router = RunRouter([rule], reply_to="replies")
-    out = [t for name, d in docs(md={"ispyb_dcid": 42, "detector": {"filename": "/d/x.h5"}})
-           for t in router.feed(name, d)]
+    out = [
+        t
+        for name, d in docs(md={"ispyb_dcid": 42, "detector": {"filename": "/d/x.h5"}})
+        for t in router.feed(name, d)
+    ]
     assert [t.kind for t in out] == ["start", "end"]
     start, end = (t.message for t in out)
     assert start == {
         "recipes": ["example-xia2"],
         "parameters": {
-            "ispyb_dcid": 42, "n": 0, "beamline": "i03", "file": "/d/x.h5", "event": "start",
-            "beampipe_run_uid": "run1", "beampipe_trigger_id": "run1/xia2/start",
-            "guid": "run1-xia2-start", "beampipe_reply_to": "replies",
+            "ispyb_dcid": 42,
+            "n": 0,
+            "beamline": "i03",
+            "file": "/d/x.h5",
+            "event": "start",
+            "beampipe_run_uid": "run1",
+            "beampipe_trigger_id": "run1/xia2/start",
+            "guid": "run1-xia2-start",
+            "beampipe_reply_to": "replies",
         },
     }
     assert end["parameters"]["n"] == 2 and end["parameters"]["event"] == "end"
@@ -69,9 +96,9 @@ def test_missing_required_field_is_a_clear_error() -> None:
 
 
 def test_rule_validation_catches_impossible_parameters() -> None:
-    with pytest.raises(RuleError, match="reads 'stop.x' but the rule fires on 'start'"):
+    with pytest.raises(RuleError, match=r"reads 'stop\.x' but the rule fires on 'start'"):
         TriggerRule(name="r", recipes=["x"], on=["start"], parameters={"x": "stop.x"})
-    with pytest.raises(RuleError, match="must be 'start.<key>'"):
+    with pytest.raises(RuleError, match=r"must be 'start\.<key>'"):
         Param("descriptor.x")
     with pytest.raises(RuleError, match="names no recipe"):
         TriggerRule(name="r")
@@ -82,9 +109,13 @@ def test_rule_validation_catches_impossible_parameters() -> None:
 
 
 def test_per_event_rule_and_subplan_match() -> None:
-    per_event = TriggerRule(name="spots", recipes=["per-image"], on=["event"],
-                            parameters={"det": "event.data.det", "seq": "event.seq_num"},
-                            match={"subplan": "grid"})
+    per_event = TriggerRule(
+        name="spots",
+        recipes=["per-image"],
+        on=["event"],
+        parameters={"det": "event.data.det", "seq": "event.seq_num"},
+        match={"subplan": "grid"},
+    )
     router = RunRouter([per_event])
     # An outer run with a nested sub-plan run (its own start/stop), interleaved.
     outer, inner = docs("outer", n=1), docs("inner", md={"subplan": "grid"}, n=3)
@@ -101,15 +132,35 @@ def test_event_page_is_unpacked() -> None:
     (s, start), (_, desc) = docs()[:2]
     router.feed(s, start)
     router.feed("descriptor", desc)
-    page = {"uid": ["a", "b"], "descriptor": desc["uid"], "seq_num": [1, 2], "time": [0, 0],
-            "data": {"det": [5, 6]}, "timestamps": {"det": [0, 0]}, "filled": {}}
+    page = {
+        "uid": ["a", "b"],
+        "descriptor": desc["uid"],
+        "seq_num": [1, 2],
+        "time": [0, 0],
+        "data": {"det": [5, 6]},
+        "timestamps": {"det": [0, 0]},
+        "filled": {},
+    }
     assert [t.message["parameters"]["d"] for t in router.feed("event_page", page)] == [5, 6]
 
 
 def test_rules_from_json_file(tmp_path: Any) -> None:
     path = tmp_path / "rules.json"
-    path.write_text(json.dumps([{"name": "a", "recipes": ["r"], "parameters": {
-        "x": "start.x", "y": {"value": 3}, "z": {"path": "stop.z", "default": None}}}]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "a",
+                    "recipes": ["r"],
+                    "parameters": {
+                        "x": "start.x",
+                        "y": {"value": 3},
+                        "z": {"path": "stop.z", "default": None},
+                    },
+                }
+            ]
+        )
+    )
     (rule,) = load_rules(path)
     assert rule.parameters == {"x": Param("start.x"), "y": Value(3), "z": Param("stop.z", None)}
     path.write_text(json.dumps([{"name": "a", "recipes": ["r"], "typo": 1}]))
@@ -140,9 +191,12 @@ def test_numpy_goes_on_the_wire_as_json() -> None:
 def test_recipe_request_validation() -> None:
     validate_recipe_request({"recipes": ["a"], "parameters": {}})
     validate_recipe_request({"custom_recipe": {"1": {}}})
-    for bad, why in [("x", "not a JSON object"), ({}, "missing recipe"),
-                     ({"recipes": "a"}, "list of recipe names"),
-                     ({"recipes": ["a"], "parameters": []}, "must be an object")]:
+    for bad, why in [
+        ("x", "not a JSON object"),
+        ({}, "missing recipe"),
+        ({"recipes": "a"}, "list of recipe names"),
+        ({"recipes": ["a"], "parameters": []}, "must be an object"),
+    ]:
         with pytest.raises(MalformedMessage, match=why):
             validate_recipe_request(bad)
     env = dead_letter("q", "why", None, b"\xff")
@@ -160,3 +214,16 @@ def test_frame_statistics() -> None:
         frame_statistics([1, 2, 3])
     with pytest.raises(MalformedMessage, match="not numeric"):
         frame_statistics([["a"]])
+
+
+def test_a_run_missing_required_metadata_fails_at_its_start(run_engine: Any) -> None:
+    from bluesky.plans import count
+
+    from beampipe_zocalo import BrokerParams, PikaPublisher, ReliableSender, ZocaloCallback
+
+    rule = TriggerRule(name="xia2", recipes=["x"], parameters={"d": "start.ispyb_dcid"})
+    with ReliableSender(PikaPublisher(BrokerParams(port=1)), retry_for=0) as sender:
+        cb = ZocaloCallback([rule], sender)
+        with pytest.raises(RuleError, match=r"needs 'start\.ispyb_dcid'"):
+            run_engine(count([], num=1), cb)
+        assert sender.stats.queued == 0

@@ -41,7 +41,7 @@ def test_send_to_undeclared_queue_raises_and_connection_survives(
     real = queues("real")
     transport.ensure_queue(real)
     transport.send(real, {"x": 2}, headers=go_headers())
-    ((props, body),) = queues.get_all(real)
+    ((_, body),) = queues.get_all(real)
     assert json.loads(body) == {"x": 2}
 
 

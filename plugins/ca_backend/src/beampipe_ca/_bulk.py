@@ -36,8 +36,8 @@ def _names(names: Iterable[str]) -> list[str]:
     if isinstance(names, str | bytes):
         raise TypeError(f"names must be a collection of PV names, not one string: {names!r}")
     out = list(dict.fromkeys(names))
-    bad = [n for n in out if not isinstance(n, str) or not n or len(n) > 1000]
-    if bad:
+    if not all(type(n) is str and 0 < len(n) <= 1000 for n in out):
+        bad = [n for n in out if not isinstance(n, str) or not n or len(n) > 1000]
         raise ValueError(f"invalid PV names (must be non-empty str): {bad[:5]!r}")
     return out
 
@@ -57,37 +57,109 @@ def _not_connected(name: str, timeout: float) -> Failed:
     return Failed(f"{name}: not connected within {timeout:g} s (no CA server answered its search)")
 
 
-def _collect(
+def _finish(
     names: list[str],
-    down: set[str],
-    timeout: float,
-    reads: dict[str, Outcome[Any]],
-    ctrls: dict[str, Outcome[Any]] | None,
+    ok: dict[str, Any],
+    failed: dict[str, str],
     what: str,
-) -> dict[str, Reading | None]:
-    out: dict[str, Reading | None] = {}
-    failures: list[str] = []
-    for name in names:
-        outcome = _not_connected(name, timeout) if name in down else reads.get(name)
-        if outcome is None:
-            outcome = Failed(f"{name}: out of time before the read was issued")
-        if isinstance(outcome, Ok):
-            reading: Reading = outcome.value
-            if ctrls is not None:
-                md = ctrls.get(name)
-                if isinstance(md, Ok):
-                    reading = reading._replace(ctrl=md.value)
-                else:
-                    failures.append(md.reason if isinstance(md, Failed) else f"{name}: no ctrl")
-            out[name] = reading
-        else:
-            out[name] = None
-            failures.append(outcome.reason)
-    if failures:
-        logger.warning(
-            "%s: %d of %d PVs failed: %s", what, len(failures), len(names), "; ".join(failures)
-        )
+) -> dict[str, Any]:
+    """Every name mapped to its result or ``None``; the reasons for the ``None`` are logged."""
+    if len(ok) == len(names):
+        # The common case: everything answered; keep the caller's order.
+        return ok if list(ok) == names else {name: ok[name] for name in names}
+    out = {name: ok.get(name) for name in names}
+    reasons = [failed.get(n, f"{n}: no result") for n in names if n not in ok]
+    logger.warning(
+        "%s: %d of %d PVs failed: %s", what, len(reasons), len(names), "; ".join(reasons)
+    )
     return out
+
+
+def _with_ctrl(
+    ok: dict[str, Reading], failed: dict[str, str], ctrls: dict[str, Outcome[Any]]
+) -> None:
+    for name, reading in list(ok.items()):
+        md = ctrls.get(name)
+        if isinstance(md, Ok):
+            ok[name] = reading._replace(ctrl=md.value)
+        else:
+            del ok[name]
+            failed[name] = md.reason if isinstance(md, Failed) else f"{name}: no ctrl metadata"
+
+
+def _read_sync(
+    names: list[str], timeout: float, ctrl: bool, readings: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
+    ctx = context()
+    deadline = time.monotonic() + timeout
+    chans = ctx.channels(names)
+    ok: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+
+    def read(wave: list[str]) -> None:
+        left = deadline - time.monotonic()
+        if not wave or left <= 0:
+            return
+        got, bad = ctx.read_time_now(wave, left, readings=readings)
+        if ctrl:
+            left = deadline - time.monotonic()
+            ctrls = ctx.read_now(list(got), left, ctx.io.plans["ctrl"]) if left > 0 else {}
+            _with_ctrl(got, bad, ctrls)
+        ok.update(got)
+        failed.update(bad)
+
+    # Wave 1: what is connected already is read at once; wave 2: what connects in time,
+    # with part of the timeout kept back so a late connection still gets its read.
+    waiting = [c for c in chans if not c.up]
+    read([c.name for c in chans if c.up] if waiting else names)
+    if waiting:
+        budget = deadline - time.monotonic() - _read_reserve(timeout)
+        down = {c.name for c in ctx.wait_connected(waiting, max(0.0, budget))}
+        for name in down:
+            failed[name] = _not_connected(name, timeout).reason
+        read([c.name for c in waiting if c.name not in down])
+    return ok, failed
+
+
+async def _read_async(
+    names: list[str], timeout: float, ctrl: bool
+) -> tuple[dict[str, Reading], dict[str, str]]:
+    import asyncio
+
+    from ._libca import _split
+
+    ctx = context()
+    deadline = time.monotonic() + timeout
+    chans = ctx.channels(names)
+    ok: dict[str, Reading] = {}
+    failed: dict[str, str] = {}
+
+    async def read(wave: list[str]) -> None:
+        left = deadline - time.monotonic()
+        if not wave or left <= 0:
+            return
+        if ctrl:
+            times, ctrls = await asyncio.gather(
+                ctx.read_now_async(wave, left, ctx.io.plans["time"]),
+                ctx.read_now_async(wave, left, ctx.io.plans["ctrl"]),
+            )
+        else:
+            times, ctrls = await ctx.read_now_async(wave, left, ctx.io.plans["time"]), {}
+        got, bad = _split(times, True)
+        if ctrl:
+            _with_ctrl(got, bad, ctrls)
+        ok.update(got)
+        failed.update(bad)
+
+    waiting = [c for c in chans if not c.up]
+    await read([c.name for c in chans if c.up] if waiting else names)
+    if waiting:
+        budget = deadline - time.monotonic() - _read_reserve(timeout)
+        down = {c.name for c in await ctx.wait_connected_async(waiting, max(0.0, budget))}
+        for name in down:
+            failed[name] = _not_connected(name, timeout).reason
+        await read([c.name for c in waiting if c.name not in down])
+    return ok, failed
 
 
 # -- connect -----------------------------------------------------------------------------
@@ -105,7 +177,7 @@ async def connect_async(names: Iterable[str], timeout: float = 5.0) -> list[str]
     return [c.name for c in await ctx.wait_connected_async(ctx.channels(names), timeout)]
 
 
-# -- readings --------------------------------------------------------------------------------
+# -- readings and values -------------------------------------------------------------------
 def bulk_read(
     names: Iterable[str], timeout: float = 5.0, *, ctrl: bool = False
 ) -> dict[str, Reading | None]:
@@ -115,82 +187,31 @@ def bulk_read(
     and the reason is logged; the others are unaffected.
     """
     names, timeout = _names(names), _timeout(timeout)
-    ctx = context()
-    deadline = time.monotonic() + timeout
-    chans = ctx.channels(names)
-    reads: dict[str, Outcome[Any]] = {}
-    ctrls: dict[str, Outcome[Any]] | None = {} if ctrl else None
-
-    def read(wave: list[str]) -> None:
-        left = deadline - time.monotonic()
-        if wave and left > 0:
-            reads.update(ctx.read_now(wave, left, ctx.io.plans["time"]))
-            left = deadline - time.monotonic()
-            if ctrls is not None and left > 0:
-                ctrls.update(ctx.read_now(wave, left, ctx.io.plans["ctrl"]))
-
-    # Wave 1: what is connected already is read at once; wave 2: what connects in time,
-    # with part of the timeout kept back so a late connection still gets its read.
-    read([c.name for c in chans if c.connected.is_set()])
-    waiting = [c for c in chans if not c.connected.is_set()]
-    down: set[str] = set()
-    if waiting:
-        budget = deadline - time.monotonic() - _read_reserve(timeout)
-        down = {c.name for c in ctx.wait_connected(waiting, max(0.0, budget))}
-        read([c.name for c in waiting if c.name not in down])
-    return _collect(names, down, timeout, reads, ctrls, "bulk_read")
+    return _finish(names, *_read_sync(names, timeout, ctrl, True), "bulk_read")
 
 
 async def bulk_read_async(
     names: Iterable[str], timeout: float = 5.0, *, ctrl: bool = False
 ) -> dict[str, Reading | None]:
-    """Like :func:`bulk_read` for coroutines; concurrent calls in one loop turn share a batch."""
-    import asyncio
-
+    """Like :func:`bulk_read` for coroutines, without blocking the event loop."""
     names, timeout = _names(names), _timeout(timeout)
-    ctx = context()
-    deadline = time.monotonic() + timeout
-    chans = ctx.channels(names)
-    reads: dict[str, Outcome[Any]] = {}
-    ctrls: dict[str, Outcome[Any]] | None = {} if ctrl else None
-
-    async def read(wave: list[str]) -> None:
-        left = deadline - time.monotonic()
-        if not wave or left <= 0:
-            return
-        if ctrls is None:
-            reads.update(await ctx.read_now_async(wave, left, ctx.io.plans["time"]))
-            return
-        got, md = await asyncio.gather(
-            ctx.read_now_async(wave, left, ctx.io.plans["time"]),
-            ctx.read_now_async(wave, left, ctx.io.plans["ctrl"]),
-        )
-        reads.update(got)
-        ctrls.update(md)
-
-    await read([c.name for c in chans if c.connected.is_set()])
-    waiting = [c for c in chans if not c.connected.is_set()]
-    down: set[str] = set()
-    if waiting:
-        budget = deadline - time.monotonic() - _read_reserve(timeout)
-        down = {c.name for c in await ctx.wait_connected_async(waiting, max(0.0, budget))}
-        await read([c.name for c in waiting if c.name not in down])
-    return _collect(names, down, timeout, reads, ctrls, "bulk_read_async")
+    return _finish(names, *await _read_async(names, timeout, ctrl), "bulk_read_async")
 
 
-# -- values ------------------------------------------------------------------------------------
 def bulk_get(names: Iterable[str], timeout: float = 5.0) -> dict[str, Any | None]:
     """Fresh values of many PVs in one batch: scalars as Python numbers/str, arrays as numpy.
 
     A PV that fails is ``None`` (reason logged), never a failed batch.
     """
-    return {n: (r.value if r is not None else None) for n, r in bulk_read(names, timeout).items()}
+    names, timeout = _names(names), _timeout(timeout)
+    return _finish(names, *_read_sync(names, timeout, False, False), "bulk_get")
 
 
 async def bulk_get_async(names: Iterable[str], timeout: float = 5.0) -> dict[str, Any | None]:
     """Like :func:`bulk_get` for coroutines."""
-    readings = await bulk_read_async(names, timeout)
-    return {n: (r.value if r is not None else None) for n, r in readings.items()}
+    names, timeout = _names(names), _timeout(timeout)
+    ok, failed = await _read_async(names, timeout, False)
+    return _finish(names, {n: r.value for n, r in ok.items()}, failed, "bulk_get_async")
 
 
 def _single(name: str, timeout: float) -> None:

@@ -21,7 +21,9 @@ import itertools
 import logging
 import os
 import struct
+import sys
 import threading
+import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -40,6 +42,7 @@ logger = logging.getLogger("beampipe_ca")
 
 EPICS_EPOCH = 631152000
 ECA_NORMAL = 1
+ECA_TIMEOUT = 80
 CA_OP_CONN_UP = 6
 CS_CONN = 2
 MAX_STRING_SIZE = 40
@@ -57,7 +60,33 @@ _TIME_LAYOUT: dict[int, tuple[int, np.dtype[Any], str | None]] = {
     6: (16, np.dtype("<f8"), "<d"),  # DOUBLE
 }
 _MAX_KEYS = 1 << 24
+
+
+def _time_dtype(native: int) -> np.dtype[Any]:
+    from epicscorelibs.ca import dbr
+
+    off, value_dtype, _fmt = _TIME_LAYOUT[native]
+    size = ctypes.sizeof(dbr.DbrCodeToType[native + 14])
+    return np.dtype(
+        {
+            "names": ["status", "severity", "secs", "nsec", "value"],
+            "formats": ["<i2", "<i2", "<u4", "<u4", value_dtype],
+            "offsets": [0, 2, 4, 8, off],
+            "itemsize": size,
+        }
+    )
+
+
 _TYPE_NAMES = ("string", "short", "float", "enum", "char", "long", "double")
+
+
+class _TimeDtypes(dict[int, "np.dtype[Any]"]):
+    def __missing__(self, native: int) -> np.dtype[Any]:
+        self[native] = dtype = _time_dtype(native)
+        return dtype
+
+
+_TIME_DTYPES = _TimeDtypes()
 
 
 class CaError(RuntimeError):
@@ -116,11 +145,16 @@ def _libca_path() -> str:
 
 
 def point_pyepics_at_epicscorelibs() -> None:
-    """Make pyepics load epicscorelibs' libca (what ``epicscorelibs.path.pyepics`` does).
+    """Make pyepics load epicscorelibs' libca: one libca, so one context, in the process.
 
-    Done by setting the variable ourselves so that importing beampipe_ca after
-    ``epics.ca`` does not warn: pyepics only reads it when it first loads libca.
+    pyepics reads ``PYEPICS_LIBCA`` only when it first loads libca, so setting
+    it is enough even after ``import epics``.  While ``epics.ca`` is not yet
+    imported we import ``epicscorelibs.path.pyepics`` itself, which sets the
+    same variable, so that a later import of it (ophyd and others do that) is
+    a no-op rather than a warning.
     """
+    if "epics.ca" not in sys.modules:
+        import epicscorelibs.path.pyepics  # noqa: F401
     os.environ.setdefault("PYEPICS_LIBCA", _libca_path())
 
 
@@ -170,6 +204,7 @@ class Channel:
         "listeners",
         "name",
         "native",
+        "up",
     )
 
     def __init__(self, name: str) -> None:
@@ -177,6 +212,8 @@ class Channel:
         self.chid: int = 0
         self._as_parameter_: int = 0  # lets epicscorelibs' cadef functions take a Channel
         self.connected = threading.Event()
+        #: Same as ``connected.is_set()``, as a plain attribute for the per-PV hot paths.
+        self.up = False
         self.native = -1
         self.count = 0
         self.host = ""
@@ -224,6 +261,10 @@ class ForeignChannel(Channel):
         self._waiters = []
         self.chid = self._as_parameter_ = chid
         self.connected = _LiveConnected(lib, chid)  # type: ignore[assignment]
+
+    @property
+    def up(self) -> bool:  # type: ignore[override]
+        return bool(self.lib.ca_state(self.chid) == CS_CONN)
 
     @property
     def native(self) -> int:  # type: ignore[override]
@@ -291,6 +332,11 @@ class _Context:
         self.queue_get = ctypes.PYFUNCTYPE(
             ctypes.c_int, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, _EVENT_CB, ctypes.c_void_p
         )(("ca_array_get_callback", self.lib))
+        self.queue_get_copy = ctypes.PYFUNCTYPE(
+            ctypes.c_int, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
+        )(("ca_array_get", self.lib))
+        self.lib.ca_pend_io.argtypes = [ctypes.c_double]
+        self._pend_lock = threading.Lock()
         self.ctx: int = epics.ca.initial_context
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
@@ -334,12 +380,18 @@ class _Context:
 
     def channels(self, names: list[str]) -> list[Channel]:
         """Channels for many names; new ones are created together and searched in one flush."""
+        known = self._channels
+        found = [known.get(name) for name in names]
+        if None not in found:
+            return found  # type: ignore[return-value]  # the common case: no lock needed
         out: list[Channel] = []
         created = False
         with self._lock:
             for name in names:
                 chan = self._channels.get(name)
                 if chan is None:
+                    if not isinstance(name, str) or not name:
+                        raise CaError(f"PV name must be a non-empty str, got {name!r}")
                     if not created:
                         self.attach()
                     chan = self._create(name)
@@ -396,12 +448,14 @@ class _Context:
                 chan.count = self.lib.ca_element_count(args.chid)
                 chan.host = (self.lib.ca_host_name(args.chid) or b"").decode(errors="replace")
                 chan.generation += 1
+                chan.up = True
                 chan.connected.set()
                 waiters, chan._waiters = chan._waiters, []
                 for loop, fut in waiters:
                     if not loop.is_closed():
                         loop.call_soon_threadsafe(_set_none, fut)
             else:
+                chan.up = False
                 chan.connected.clear()
                 logger.info("%s: disconnected from %s", chan.name, chan.host)
             for listener in list(chan.listeners):
@@ -415,8 +469,6 @@ class _Context:
     # -- connecting ------------------------------------------------------------------
     def wait_connected(self, chans: list[Channel], timeout: float) -> list[Channel]:
         """Wait until all are connected or the time is up; returns those still down."""
-        import time
-
         deadline = time.monotonic() + timeout
         for chan in chans:
             if not chan.connected.is_set():
@@ -488,7 +540,7 @@ class _Context:
         for idx, key in enumerate(keys):
             name = key if isinstance(key, str) else key[0]
             chan = channels.get(name)
-            if chan is None or not chan.connected.is_set():
+            if chan is None or not chan.up:
                 failed.append((key, Failed(f"{name}: not connected")))
                 continue
             try:
@@ -519,6 +571,92 @@ class _Context:
                 name = key if isinstance(key, str) else key[0]
                 results[key] = Failed(f"{name}: timed out after {timeout:g} s")
         return results
+
+    def read_time_now(
+        self, names: list[str], timeout: float, *, readings: bool = True
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Fresh DBR_TIME readings of many PVs: scalars by ``ca_pend_io``, arrays by callbacks.
+
+        A connected scalar is fetched with ``ca_array_get`` straight into one
+        shared buffer and the whole set is awaited with one ``ca_pend_io``: no
+        Python runs per reply, which is what a bulk read of many scalars is
+        made of.  Arrays keep the callback path (their reply length is only
+        known then).  Each slot's severity starts as 0xFFFF, a value no IOC
+        sends, so a slot the reply never filled is told apart and fails alone.
+        Only for Python threads: libca forbids ``ca_pend_io`` on its own
+        callback threads, where everything takes the callback path.
+        """
+        scalars: list[Channel] = []
+        rest: list[str] = []
+        python_thread = not isinstance(threading.current_thread(), threading._DummyThread)
+        for name in names:
+            chan = self._channels.get(name)
+            if (
+                python_thread
+                and chan is not None
+                and chan.up
+                and chan.count == 1
+                and chan.native in _TIME_LAYOUT
+                and type(chan) is Channel
+            ):
+                scalars.append(chan)
+            else:
+                rest.append(name)
+        if not scalars:
+            return _split(self.read_now(rest, timeout, self.io.plans["time"]), readings)
+        deadline = time.monotonic() + timeout
+        done = threading.Event()
+        state = self._issue(rest, lambda _r: done.set(), self.io.plans["time"]) if rest else None
+        ok: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        # One numpy record array per native type, laid out exactly as DBR_TIME_<type>:
+        # libca writes each reply into its record, numpy decodes them all at once.
+        groups: dict[int, list[Channel]] = {}
+        for chan in scalars:
+            groups.setdefault(chan.native, []).append(chan)
+        arrays: list[tuple[int, list[Channel], np.ndarray[Any, Any]]] = []
+        with self._pend_lock:
+            self.attach()
+            self.batches_issued += 1
+            get = self.queue_get_copy
+            for native, chans in groups.items():
+                dtype = _TIME_DTYPES[native]
+                records = np.zeros(len(chans), dtype)
+                records["severity"] = -1  # a value no IOC sends: "no reply landed here"
+                base, size, dbrcode = records.ctypes.data, dtype.itemsize, native + 14
+                for i, chan in enumerate(chans):
+                    status = get(dbrcode, 1, chan.chid, base + i * size)
+                    if status != ECA_NORMAL:
+                        failed[chan.name] = f"{chan.name}: ca_array_get: {self.message(status)}"
+                arrays.append((native, chans, records))
+            pend = self.lib.ca_pend_io(max(1e-3, deadline - time.monotonic()))
+        why = "timed out" if pend == ECA_TIMEOUT else self.message(pend)
+        for native, chans, records in arrays:
+            severities = records["severity"].tolist()
+            values = records["value"].tolist()
+            if native == 0:
+                values = [v.decode(errors="replace") for v in values]
+            if -1 not in severities and not readings:
+                ok.update(zip([c.name for c in chans], values, strict=True))
+                continue
+            statuses = records["status"].tolist()
+            stamps = (records["secs"] + float(EPICS_EPOCH) + records["nsec"] * 1e-9).tolist()
+            for chan, value, stamp, severity, status in zip(
+                chans, values, stamps, severities, statuses, strict=True
+            ):
+                if severity != -1:
+                    ok[chan.name] = Reading(value, stamp, severity, status) if readings else value
+                elif chan.name not in failed:
+                    failed[chan.name] = f"{chan.name}: no reply ({why})"
+        if state is not None:
+            if done.wait(max(0.0, deadline - time.monotonic())):
+                results = state.results
+            else:
+                results = self._give_up(state, timeout)
+            more_ok, more_failed = _split(results, readings)
+            ok.update(more_ok)
+            failed.update(more_failed)
+        return ok, failed
 
     def read_now(
         self,
@@ -578,6 +716,19 @@ class _Context:
             state.settle(key, outcome)
         except Exception:
             logger.exception("beampipe_ca get callback failed")
+
+
+def _split(
+    results: Mapping[str, Outcome[Reading]], readings: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
+    ok: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    for name, outcome in results.items():
+        if isinstance(outcome, Ok):
+            ok[name] = outcome.value if readings else outcome.value.value
+        else:
+            failed[name] = outcome.reason
+    return ok, failed
 
 
 def _adopted_key(name: str, chid: int) -> str:

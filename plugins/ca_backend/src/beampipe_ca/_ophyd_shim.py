@@ -58,10 +58,6 @@ thread_class = _base.thread_class
 caget = _base.caget
 caput = _base.caput
 
-#: PV objects alive per (context, pvname): the libca channel is shared by name.
-_users: dict[tuple[Any, str], int] = {}
-_users_lock = threading.Lock()
-
 
 def get_dispatcher() -> Any:
     """ophyd's event dispatcher for this layer (shared with the pyepics layer's)."""
@@ -71,7 +67,55 @@ def get_dispatcher() -> Any:
 def setup(logger: logging.Logger) -> Any:
     """Called by ophyd once per session: make the shared CA context, then ophyd's dispatcher."""
     ca_context().attach()
+    _install_event_driven_device_wait()
     return _base.setup(logger)
+
+
+_original_device_wait: Callable[..., Any] | None = None
+
+
+def _install_event_driven_device_wait() -> None:
+    """Let ``Device.wait_for_connection`` wake when our signals are ready, not on a 50 ms poll.
+
+    ophyd's Device checks ``sig.connected`` for all signals and sleeps 50 ms
+    between checks, so a Device whose PVs connect and get their metadata in
+    one batch 40 ms after construction still waits a whole extra poll.  The
+    wrapper first waits on each beampipe-ca signal's own readiness event (set
+    by ophyd the moment connection, access rights and metadata are in), then
+    hands over to ophyd's method, whose first check then passes.  Signals of
+    other control layers are left to ophyd's poll; set
+    ``BEAMPIPE_CA_DEVICE_WAIT=0`` to not install it at all.
+    """
+    global _original_device_wait
+    import os
+    import time
+
+    from ophyd import Device
+    from ophyd.device import DEFAULT_CONNECTION_TIMEOUT
+
+    if _original_device_wait is not None or os.environ.get("BEAMPIPE_CA_DEVICE_WAIT") == "0":
+        return
+    original = _original_device_wait = Device.wait_for_connection
+
+    def wait_for_connection(
+        self: Any, all_signals: bool = False, timeout: Any = DEFAULT_CONNECTION_TIMEOUT
+    ) -> Any:
+        if timeout is DEFAULT_CONNECTION_TIMEOUT:
+            timeout = self.connection_timeout
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            for walk in self.walk_signals(include_lazy=all_signals):
+                ready = getattr(walk.item, "_signal_is_ready", None)
+                layer = getattr(getattr(walk.item, "cl", None), "name", "")
+                if ready is not None and name in str(layer):
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not ready.wait(left):
+                        break  # ophyd's own check below reports what is missing
+            timeout = max(deadline - time.monotonic(), 1e-3)
+        return original(self, all_signals=all_signals, timeout=timeout)
+
+    wait_for_connection.__doc__ = original.__doc__
+    Device.wait_for_connection = wait_for_connection
 
 
 def _chid(pv: Any) -> int | None:
@@ -244,33 +288,52 @@ def get_pv(
         access_callback=access_callback,
         **kwargs,
     )
-    with _users_lock:
-        key = (pv.context, pv.pvname)
-        _users[key] = _users.get(key, 0) + 1
     if connect and not pv.wait_for_connection(timeout=timeout):
         raise TimeoutError(f"{pvname}: not connected within {timeout:g} s")
     return pv
 
 
+def _detach(pv: Any, entry: Any) -> None:
+    """Remove one PV object's callbacks from pyepics' per-name channel entry.
+
+    What ``epics.PV.disconnect(deepclean=True)`` does, without its 1 s
+    ``ca.poll`` and without calling ophyd's ``clear_callbacks`` override
+    with arguments it does not take.
+    """
+    if entry is None:
+        return
+    for registered, ours in (
+        (getattr(entry, "callbacks", []), getattr(pv, "_PV__on_connect", None)),
+        (
+            getattr(entry, "access_event_callback", []),
+            getattr(pv, "_PV__on_access_rights_event", None),
+        ),
+    ):
+        while ours is not None and ours in registered:
+            registered.remove(ours)
+
+
 def release_pvs(*pvs: Any) -> None:
-    """Release PV objects; the libca channel goes only with the last PV object using it."""
+    """Release PV objects; the libca channel goes only when no other PV object listens on it.
+
+    pyepics shares one chid per name among all PV objects (ours, the pyepics
+    layer's, a user's ``epics.PV``); ophyd's pyepics layer clears it on
+    release regardless, which kills the others (ophyd #708).  Here a PV
+    object detaches its own callbacks and monitor, and the channel is cleared
+    only if no other PV object's connection callback is still registered.
+    """
     for pv in pvs:
         pv._reference_count -= 1
         if pv._reference_count > 0:
             continue
+        chid, pvname, pv_context = _chid(pv), pv.pvname, pv.context
         pv.clear_callbacks()
         pv.clear_auto_monitor()
-        chid = _chid(pv)
         if chid is not None:
-            with _users_lock:
-                key = (pv.context, pv.pvname)
-                left = _users.get(key, 1) - 1
-                if left > 0:
-                    _users[key] = left
-                else:
-                    _users.pop(key, None)
-            if left <= 0:
-                ca_context().forget(pv.pvname, chid)
-                epics.ca.clear_channel(pv.chid)
+            entry = epics.ca._cache.get(pv_context, {}).get(pvname)
+            _detach(pv, entry)
+            if not getattr(entry, "callbacks", None):
+                ca_context().forget(pvname, chid)
+                epics.ca.clear_channel(chid)
         pv.chid = None
         pv.context = None

@@ -1,4 +1,4 @@
-"""Batched pvAccess for ophyd and ophyd-async over p4p, with every NT type including NTNDArray as numpy.
+"""Batched pvAccess for ophyd and ophyd-async over p4p; every NT type, NTNDArray as numpy.
 
 ``bulk_get``/``bulk_get_async`` read many PVs with one burst of GETs through
 beampipe's Coalescer; :class:`PvaSignalBackend` is the ophyd-async backend
@@ -18,6 +18,7 @@ from ._decode import (
     decode_table,
 )
 from ._wire import (
+    PutError,
     PvaGetIO,
     bulk_get,
     bulk_get_async,
@@ -25,6 +26,7 @@ from ._wire import (
     bulk_get_raw_async,
     close_context,
     coalescer,
+    put_value,
     raw_context,
 )
 
@@ -32,6 +34,7 @@ __all__ = [
     "DecodeError",
     "Dimension",
     "NDArrayFrame",
+    "PutError",
     "PvaGetIO",
     "PvaSignalBackend",
     "bulk_get",
@@ -43,6 +46,7 @@ __all__ = [
     "decode",
     "decode_ndarray",
     "decode_table",
+    "put_value",
     "raw_context",
 ]
 

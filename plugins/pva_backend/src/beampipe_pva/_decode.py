@@ -96,7 +96,7 @@ def _stamp(ts: Any) -> float:
 
 
 def decode(value: Any, pv: str = "?") -> Any:
-    """A p4p Value as the Python value a scan wants: scalar, array, choice string, columns, frame."""
+    """A p4p Value as the Python a scan wants: scalar, array, choice string, columns, frame."""
     kind = nt_kind(value)
     if kind == NTNDARRAY:
         return decode_ndarray(value, pv)
@@ -115,7 +115,8 @@ def decode_enum(value: Any, pv: str = "?") -> str:
     choices = value["value.choices"]
     if not 0 <= index < len(choices):
         raise DecodeError(
-            f"pva://{pv}: NTEnum index {index} is outside its {len(choices)} choices {list(choices)}"
+            f"pva://{pv}: NTEnum index {index} is outside its "
+            f"{len(choices)} choices {list(choices)}"
         )
     return str(choices[index])
 
@@ -249,7 +250,7 @@ def _decompress(
         ) from exc
     except DecodeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - each codec library raises its own types
+    except Exception as exc:
         raise DecodeError(f"pva://{pv}: {codec} decompression failed: {exc}") from exc
     if out.nbytes != nbytes:
         raise DecodeError(

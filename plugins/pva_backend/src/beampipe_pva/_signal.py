@@ -112,7 +112,9 @@ def make_checked_converter(datatype: type | None, values: dict[str, Any]) -> _p4
     return converter
 
 
-class PvaSignalBackend(_p4p.PvaSignalBackend[SignalDatatypeT], BatchedSignalBackend[SignalDatatypeT]):
+class PvaSignalBackend(
+    _p4p.PvaSignalBackend[SignalDatatypeT], BatchedSignalBackend[SignalDatatypeT]
+):
     """ophyd-async's PVA backend with batched connect and reads (registered as ``beampipe-pva``)."""
 
     protocol: ClassVar[str] = "pva"

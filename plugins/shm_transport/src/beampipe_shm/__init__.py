@@ -19,6 +19,7 @@ from ._errors import (
     StreamNotFound,
 )
 from ._inspect import ReaderInfo, StreamInfo, inspect, list_streams
+from ._integrations import FrameCallback, SignalFramePublisher, publish_signal
 from ._layout import Schema, StreamSpec
 from ._producer import ControlMessage, Producer, WritableFrame
 from ._reader import Frame, Reader, ReaderStats
@@ -27,6 +28,7 @@ __all__ = [
     "ControlMessage",
     "ControlRingFull",
     "Frame",
+    "FrameCallback",
     "FrameTooLarge",
     "LeaseLimitReached",
     "NameInUse",
@@ -38,12 +40,14 @@ __all__ = [
     "Schema",
     "SchemaMismatch",
     "ShmError",
+    "SignalFramePublisher",
     "StreamInfo",
     "StreamNotFound",
     "StreamSpec",
     "WritableFrame",
     "inspect",
     "list_streams",
+    "publish_signal",
 ]
 
 # --- broker-less workflows transport (docs/shm_workflows_transport.md) -------------------

@@ -10,6 +10,7 @@ import mmap
 import os
 import struct
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -189,13 +190,15 @@ class Producer:
         rec0 = g.records_off
         rs = g.record_stride
         self._rec_word = [(rec0 + i * rs) // 8 for i in range(max_readers)]
+        self._rec_waiting = [rw + L.R_WAITING for rw in self._rec_word]
         self._leases = np.ndarray(
             (max_readers, slots), np.uint64, self._mm, rec0 + L.R_LEASES * 8, (rs, 8)
         )
-        self._rec_cols = np.ndarray(
-            (max_readers, L.R_WAITING + 1), np.uint64, self._mm, rec0, (rs, 8)
-        )
         self._slot_seq = [0] * slots  # frame seq last written per slot (0 = never)
+        self._all_slots = list(range(slots))
+        self._variable = [
+            (i, s.name, s.shape[0]) for i, s in enumerate(self.schema.streams) if s.variable
+        ]
         self._seq = 0
         self._latest_k = -1
         self._open: WritableFrame | None = None
@@ -206,6 +209,9 @@ class Producer:
         self.dropped = 0
         self.lease_skips = 0
         self._closed = False
+        self._finalizer = weakref.finalize(
+            self, Producer._shutdown, self.path, self._fd, self._mm, self._notify_addr
+        )
         store_fence()
         w[L.H_STATE] = L.STATE_LIVE
         log.debug("stream %r: created %s (%d bytes)", name, self.path, g.total)
@@ -273,31 +279,38 @@ class Producer:
         self._fd = -1
 
     def close(self) -> None:
-        """Tell readers the stream ended, wake them and remove the segment."""
+        """Tell readers the stream ended, wake them and remove the segment.
+
+        Also done when the producer is garbage-collected or the interpreter exits,
+        so only a crash leaves a (stale) segment, which the next producer removes.
+        """
         if self._closed:
             return
         self._closed = True
         if self._open is not None:
             self._open.abort()
-        w = self._words
-        w[L.H_STATE] = L.STATE_CLOSED
-        w[L.H_NOTIFY] = (w[L.H_NOTIFY] + 1) & 0xFFFFFFFF
-        fence()
-        futex_wake(self._notify_addr)
-        try:
-            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        unlock(self._fd, L.LOCK_PRODUCER)
-        os.close(self._fd)
+        self._finalizer()
         self._views.clear()
-        self._leases = self._rec_cols = np.empty(0, np.uint64)
+        self._leases = np.empty((0, 0), np.uint64)
         self._words.release()
         self._f64.release()
         # the caller kept a slot view; the mapping goes with it
         with contextlib.suppress(BufferError):
             self._mm.close()
+
+    @staticmethod
+    def _shutdown(path: str, fd: int, mm: mmap.mmap, notify_addr: int) -> None:
+        """End the stream: state CLOSED, readers woken, segment unlinked, lock released."""
+        struct.pack_into("Q", mm, L.H_STATE * 8, L.STATE_CLOSED)
+        notify = (struct.unpack_from("Q", mm, L.H_NOTIFY * 8)[0] + 1) & 0xFFFFFFFF
+        struct.pack_into("Q", mm, L.H_NOTIFY * 8, notify)
+        fence()
+        futex_wake(notify_addr)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path)
+        unlock(fd, L.LOCK_PRODUCER)
+        os.close(fd)
 
     def __enter__(self) -> Producer:
         return self
@@ -329,12 +342,13 @@ class Producer:
             raise RuntimeError(f"stream {self.name!r}: producer is closed")
         if self._open is not None:
             raise RuntimeError(f"stream {self.name!r}: frame {self._open.seq} is still open")
-        row_counts = self._check_rows(rows or {})
+        row_counts = self._check_rows(rows) if rows else {}
         seq = self._seq + 1
         k = self._claim(seq)
-        full = self._views[k] if k is not None else self._scratch
-        arrays = {n: (a[: row_counts[n]] if n in row_counts else a) for n, a in full.items()}
-        wf = WritableFrame(self, k, seq, arrays, row_counts, frame_id, dict(attrs or {}))
+        arrays = self._views[k] if k is not None else self._scratch
+        if row_counts:
+            arrays = {n: (a[: row_counts[n]] if n in row_counts else a) for n, a in arrays.items()}
+        wf = WritableFrame(self, k, seq, arrays, row_counts, frame_id, dict(attrs) if attrs else {})
         self._open = wf
         return wf
 
@@ -416,29 +430,67 @@ class Producer:
             out[n] = int(r)
         return out
 
+    def _scan(self) -> tuple[set[int], int]:
+        """Slots leased by any registered reader, and how far every-frame readers have read.
+
+        The second value is the smallest ``last_seq`` of the every-frame readers (-1 if
+        there are none): slots holding frames up to it were read by all of them.  A plain
+        loop: for the usual handful of readers it is cheaper than a numpy reduction.
+        """
+        w = self._words
+        leased: set[int] = set()
+        behind = -1
+        n = self.geometry.n_slots
+        for rw in self._rec_word:
+            if w[rw]:  # R_PID is word 0 of a record
+                if w[rw + L.R_MODE] == L.MODE_EVERY:
+                    last = w[rw + L.R_LAST_SEQ]
+                    behind = last if behind < 0 else min(behind, last)
+                base = rw + L.R_LEASES
+                for k in range(n):
+                    if w[base + k]:
+                        leased.add(k)
+        return leased, behind
+
+    def _leased_now(self, k: int) -> bool:
+        w = self._words
+        off = L.R_LEASES + k
+        # R_PID is word 0 of a record (a loop: cheaper than a generator here)
+        for rw in self._rec_word:  # noqa: SIM110
+            if w[rw] and w[rw + off]:
+                return True
+        return False
+
     def _claim(self, seq: int) -> int | None:
         """Pick a slot nobody leases and mark it being written (odd sequence)."""
-        g = self.geometry
-        leased = np.asarray(self._leases.any(axis=0))
-        cols = self._rec_cols
-        every = bool(((cols[:, L.R_PID] != 0) & (cols[:, L.R_MODE] == L.MODE_EVERY)).any())
-        cands = [k for k in range(g.n_slots) if k != self._latest_k and not leased[k]]
+        leased, behind = self._scan()
+        latest = self._latest_k
+        cands = [k for k in self._all_slots if k != latest and k not in leased]
         if not cands:
             self._reclaim(force=True)
-            leased = np.asarray(self._leases.any(axis=0))
-            cands = [k for k in range(g.n_slots) if k != self._latest_k and not leased[k]]
-        # Every-frame readers present: oldest first, they get n_slots-1 frames of slack.
-        # Only live-view readers: the most recently written free slot, still in cache.
-        cands.sort(key=self._slot_seq.__getitem__, reverse=not every)
-        if self._latest_k >= 0 and not leased[self._latest_k]:
-            cands.append(self._latest_k)  # last resort: replace the newest frame, not drop one
+            leased, behind = self._scan()
+            cands = [k for k in self._all_slots if k != latest and k not in leased]
+        if len(cands) > 1:
+            # Slots every reader is done with: the most recently written first (still in
+            # cache).  Then, if every-frame readers lag, the oldest frame first: they get
+            # n_slots - 1 frames of slack before one is lost (and counted).
+            seqs = self._slot_seq
+            done = [k for k in cands if behind < 0 or seqs[k] <= behind]
+            done.sort(key=seqs.__getitem__, reverse=True)
+            if len(done) < len(cands):
+                rest = [k for k in cands if not (behind < 0 or seqs[k] <= behind)]
+                rest.sort(key=seqs.__getitem__)
+                done += rest
+            cands = done
+        if latest >= 0 and latest not in leased:
+            cands.append(latest)  # last resort: replace the newest frame, not drop one
         w = self._words
         for k in cands:
             sw = self._slot_word[k]
             old = w[sw + L.S_SEQ]
             w[sw + L.S_SEQ] = 2 * seq - 1
-            fence()  # our odd sequence before we look at leases (Dekker with Reader._lease)
-            if not self._leases[:, k].any():
+            fence()  # our odd sequence before we look at leases (Dekker with Reader._take)
+            if not self._leased_now(k):
                 return k
             w[sw + L.S_SEQ] = old  # a reader leased it meanwhile: its data is untouched
             self.lease_skips += 1
@@ -482,9 +534,8 @@ class Producer:
             w[sw + L.S_ATTRS_LEN] = len(blob)
         else:
             w[sw + L.S_ATTRS_LEN] = 0
-        for i, spec in enumerate(self.schema.streams):
-            if spec.variable:
-                w[sw + L.S_LEAD + i] = f._rows.get(spec.name, spec.shape[0])
+        for i, sname, rows in self._variable:
+            w[sw + L.S_LEAD + i] = f._rows.get(sname, rows)
         w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
         store_fence()  # payload and metadata before the even sequence
         w[sw + L.S_SEQ] = 2 * seq
@@ -495,8 +546,10 @@ class Producer:
         self._latest_k = k
         self._seq = seq
         fence()  # latest/notify before we read the waiting flags (Dekker with Reader._wait)
-        if self._rec_cols[:, L.R_WAITING].any():
-            futex_wake(self._notify_addr)
+        for i in self._rec_waiting:  # a dead reader's stale flag costs one spurious wake
+            if w[i]:
+                futex_wake(self._notify_addr)
+                break
         if self._last_ns:
             dt = (now - self._last_ns) / 1e9
             if dt > 0:

@@ -10,6 +10,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -65,6 +66,7 @@ class _Attachment:
         self.rw[L.R_GENERATION] = seg.generation
         store_fence()
         self.rw[L.R_PID] = os.getpid()
+        store_fence()  # registered before any lease store (the producer scans pid, then leases)
         self.f64 = memoryview(seg.mm).cast("d")
         self.slot_word = [(g.slots_off + k * g.slot_stride) // 8 for k in range(g.n_slots)]
         self.slot_addr = [seg.addr + g.slots_off + k * g.slot_stride for k in range(g.n_slots)]
@@ -104,6 +106,10 @@ class _Attachment:
             self._unmap()
 
 
+def _retire_current(current: list[_Attachment]) -> None:
+    current[0].retire()
+
+
 class _Lease:
     __slots__ = ("att", "k", "reader", "released")
 
@@ -122,8 +128,9 @@ class _Lease:
             self.att.unlease(self.k)
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.release()
+        if not self.released:
+            with contextlib.suppress(Exception):  # at interpreter exit the mapping may be gone
+                self.release()
 
 
 class _View:
@@ -170,7 +177,7 @@ class Frame:
         missed: int,
         generation: int,
         arrays: dict[str, np.ndarray[Any, Any]],
-        specs: dict[str, tuple[dict[str, Any], L.StreamSpec]] | None,
+        specs: dict[str, dict[str, Any]] | None,
         lease: _Lease | None,
     ) -> None:
         self.stream = stream
@@ -212,7 +219,7 @@ class Frame:
             return a
         if self._specs is None or name not in self._specs:
             raise KeyError(f"stream {self.stream!r} has no array {name!r} (has {self.names})")
-        iface, _spec = self._specs[name]
+        iface = self._specs[name]
         assert self._lease is not None
         a = np.asarray(_View(iface, self._lease))
         self._arrays[name] = a
@@ -325,6 +332,9 @@ class Reader:
                     raise
                 time.sleep(0.01)
         self._att = self._attach(seg)
+        # a Reader dropped without close() gives its record and leases back
+        self._current = [self._att]
+        self._finalizer = weakref.finalize(self, _retire_current, self._current)
         self._last = 0  # seq of the last frame delivered in this generation
         self._position(start or "latest")
 
@@ -343,8 +353,27 @@ class Reader:
 
     def _build_specs(self, att: _Attachment) -> None:
         g = att.seg.geometry
+        self._has_variable = any(s.variable for s in self.schema.streams)
         pairs = zip(self.schema.streams, g.stream_offsets, strict=True)
         self._layout = [(i, spec, off) for i, (spec, off) in enumerate(pairs)]
+        # per slot, per stream: the __array_interface__ of fixed-shape streams never changes
+        self._ifaces = [
+            {
+                spec.name: None if spec.variable else self._iface(spec, spec.shape, base + off)
+                for _, spec, off in self._layout
+            }
+            for base in att.slot_addr
+        ]
+
+    @staticmethod
+    def _iface(spec: L.StreamSpec, shape: tuple[int, ...], addr: int) -> dict[str, Any]:
+        return {
+            "shape": shape,
+            "typestr": spec.dtype.str,
+            "descr": spec.dtype.descr,
+            "data": (addr, True),
+            "version": 3,
+        }
 
     def _position(self, start: str) -> None:
         latest = self._att.seg.words[L.H_LATEST] >> 8
@@ -371,6 +400,7 @@ class Reader:
             return False
         old = self._att
         self._att = self._attach(seg)  # SchemaMismatch propagates: the user must decide
+        self._current[0] = self._att
         with self._lock:
             old.retire()
         self.stats.reattached += 1
@@ -408,8 +438,16 @@ class Reader:
         if out is not None:
             self._check_out(out)
         f = self._poll(out)
-        if f is not None or timeout == 0:
+        if f is not None:
             return f
+        if timeout == 0:
+            # non-blocking pollers (a GUI timer) follow a restarted producer too
+            now = time.monotonic()
+            if now >= self._next_liveness:
+                self._next_liveness = now + _LIVENESS_EVERY
+                if not self._att.seg.producer_alive() and self._try_reattach():
+                    return self._poll(out)
+            return None
         return self._wait(timeout, out)
 
     def _check_out(self, out: Mapping[str, np.ndarray[Any, Any]]) -> None:
@@ -496,14 +534,14 @@ class Reader:
                 return None
             if self._mode == L.MODE_LATEST:
                 k = lat & 0xFF
-                if att.seq_of(k) != 2 * n:
+                if words[att.slot_word[k]] != 2 * n:
                     continue
                 f = self._take(att, k, n, n - self._last - 1, out)
             else:
                 want = self._last + 1
                 best_k, best_n = -1, 0
-                for k in range(len(att.slot_word)):
-                    s = att.seq_of(k)
+                for k, sw in enumerate(att.slot_word):
+                    s = words[sw]
                     if s and not s & 1:
                         fn = s >> 1
                         if want <= fn <= n and (best_n == 0 or fn < best_n):
@@ -581,20 +619,30 @@ class Reader:
         if alen:
             off = att.seg.geometry.slots_off + k * att.seg.geometry.slot_stride + L.SLOT_FIXED
             raw = bytes(att.seg.mm[off : off + min(alen, att.seg.geometry.attrs_bytes)])
-        specs: dict[str, tuple[dict[str, Any], L.StreamSpec]] = {}
         arrays: dict[str, np.ndarray[Any, Any]] = {}
+        ifaces: dict[str, dict[str, Any] | None] = self._ifaces[k]
+        if lease is not None and not self._has_variable:
+            return Frame(
+                self.name,
+                n,
+                _i64(int(words[sw + L.S_FRAME_ID])),
+                att.f64[sw + L.S_TIMESTAMP],
+                int(words[sw + L.S_PUBLISH_NS]),
+                raw,
+                missed,
+                att.seg.generation,
+                arrays,
+                ifaces,  # type: ignore[arg-type]  # no None in it: no variable stream
+                lease,
+            )
+        specs: dict[str, dict[str, Any]] = {}
         for i, spec, off in self._layout:
             shape = spec.shape
-            if spec.variable:
+            iface = ifaces[spec.name]
+            if iface is None:
                 rows = min(int(words[sw + L.S_LEAD + i]), shape[0])
                 shape = (rows, *shape[1:])
-            iface = {
-                "shape": shape,
-                "typestr": spec.dtype.str,
-                "descr": spec.dtype.descr,
-                "data": (base + off, True),
-                "version": 3,
-            }
+                iface = self._iface(spec, shape, base + off)
             if lease is None:
                 view = np.asarray(_View(iface, None))  # type: ignore[arg-type]
                 dst = out.get(spec.name) if out is not None else None
@@ -605,7 +653,7 @@ class Reader:
                     np.copyto(dst, view)
                     arrays[spec.name] = dst
             else:
-                specs[spec.name] = (iface, spec)
+                specs[spec.name] = iface
         return Frame(
             self.name,
             n,
@@ -657,7 +705,7 @@ class Reader:
             return
         self._closed = True
         with self._lock:
-            self._att.retire()
+            self._finalizer()
 
     def __enter__(self) -> Reader:
         return self

@@ -1,4 +1,4 @@
-"""bluesky <-> zocalo: RunEngine callback, zocalo.service services and an ophyd-async results device.
+"""bluesky <-> zocalo: RunEngine callback, zocalo.service services, an ophyd-async results device.
 
 RunEngine side: :class:`ZocaloCallback` (documents -> ``processing_recipe``
 requests by declarative :class:`TriggerRule` s) or :class:`DocumentForwarder`
@@ -11,6 +11,7 @@ Services (``zocalo.service -s ...``): ``BeampipeDocumentTrigger``,
 """
 
 from ._callback import DOCUMENTS_QUEUE, DocumentForwarder, RunTracker, ZocaloCallback
+from ._frames import FrameNotReady, ShmFrameSource
 from ._queues import BrokerParams, QueueMissing, delete_queues, ensure_queue, queue_exists
 from ._results import ResultsListener, ZocaloResults, ZocaloResultsError, ZocaloResultsTimeout
 from ._rules import (
@@ -51,6 +52,7 @@ __all__ = [
     "BeampipeFrameAnalysis",
     "BrokerParams",
     "DocumentForwarder",
+    "FrameNotReady",
     "GuardedPikaTransport",
     "MalformedMessage",
     "Param",
@@ -64,6 +66,7 @@ __all__ = [
     "RunRouter",
     "RunTracker",
     "SenderStats",
+    "ShmFrameSource",
     "TransportPublisher",
     "Trigger",
     "TriggerRule",

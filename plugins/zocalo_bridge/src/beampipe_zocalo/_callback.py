@@ -129,6 +129,11 @@ class DocumentForwarder:
             return
         if name != "start":
             self._router.feed(name, doc)
-        envelope = {"name": name, "doc": doc, "start": start, "stream": stream,
-                    "reply_to": self.reply_to}
+        envelope = {
+            "name": name,
+            "doc": doc,
+            "start": start,
+            "stream": stream,
+            "reply_to": self.reply_to,
+        }
         self._sender.send(self.queue, envelope, go_headers(**{"beampipe.document": name}))

@@ -97,8 +97,8 @@ def ensure_queue(
         return False
     if not create:
         raise QueueMissing(
-            f"queue {name!r} does not exist on the broker; declare it (e.g. zocalo.configure_rabbitmq) "
-            "or let beampipe_zocalo create it"
+            f"queue {name!r} does not exist on the broker; declare it "
+            "(e.g. zocalo.configure_rabbitmq) or let beampipe_zocalo create it"
         )
     ch = connection.channel()
     try:

@@ -36,7 +36,7 @@ from ophyd_async.core import (
 
 from ._callback import RunTracker
 from ._queues import BrokerParams
-from ._transport import GuardedPikaTransport
+from ._transport import GuardedPikaTransport, prepare_queue
 
 __all__ = ["ResultsListener", "ZocaloResults", "ZocaloResultsError", "ZocaloResultsTimeout"]
 
@@ -86,6 +86,8 @@ class ResultsListener:
         self.received = 0
         self.duplicates = 0
         self.rejected: list[str] = []
+        #: Called (run uid, trigger id) on the transport's thread after each new result.
+        self.on_result: Callable[[str, str], None] | None = None
         self._transport: Any = None
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -123,11 +125,12 @@ class ResultsListener:
         try:
             if not transport.connect():
                 raise ConnectionError(f"{type(transport).__name__}.connect() returned False")
-            ensure = getattr(transport, "ensure_queue", None)
-            if ensure is not None:
-                ensure(self.queue, reply_queue_ttl=self.queue_ttl)
+            prepare_queue(transport, self.queue, reply_queue_ttl=self.queue_ttl)
             transport.subscribe(
-                self.queue, self._on_message, acknowledgement=True, prefetch_count=64,
+                self.queue,
+                self._on_message,
+                acknowledgement=True,
+                prefetch_count=64,
                 disable_mangling=True,
             )
         except Exception as exc:
@@ -168,7 +171,11 @@ class ResultsListener:
             payload = msg.get("payload", msg) if isinstance(msg, dict) else None
             run_uid = payload.get("beampipe_run_uid") if isinstance(payload, dict) else None
             trigger_id = payload.get("beampipe_trigger_id") if isinstance(payload, dict) else None
-            if not isinstance(run_uid, str) or not isinstance(trigger_id, str):
+            if (
+                not isinstance(payload, dict)
+                or not isinstance(run_uid, str)
+                or not isinstance(trigger_id, str)
+            ):
                 raise ValueError("no beampipe_run_uid/beampipe_trigger_id")
         except (ValueError, AttributeError) as exc:
             reason = f"result on {self.queue} not understood ({exc}): {str(raw)[:200]}"
@@ -183,17 +190,20 @@ class ResultsListener:
         with self._lock:
             run = self._runs.setdefault(run_uid, {})
             self._runs.move_to_end(run_uid)
-            if trigger_id in run:
-                self.duplicates += 1
-            else:
+            new = trigger_id not in run
+            if new:
                 run[trigger_id] = payload
                 self.received += 1
+            else:
+                self.duplicates += 1
             while len(self._runs) > self._keep_runs:
                 self._runs.popitem(last=False)
             waiters = list(self._waiters)
         for loop, event in waiters:
             with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
                 loop.call_soon_threadsafe(event.set)
+        if new and self.on_result is not None:
+            self.on_result(run_uid, trigger_id)
 
     # -- waiting --------------------------------------------------------------------
     def results(self, run_uid: str) -> dict[str, dict[str, Any]]:

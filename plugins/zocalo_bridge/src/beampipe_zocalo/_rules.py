@@ -11,6 +11,7 @@ ids (receivers de-duplicate on them).
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,7 @@ class TriggerRule:
     name: str
     recipes: Sequence[str] = ()
     on: Sequence[str] = ("start", "end")
-    parameters: Mapping[str, Param | Value | str] = field(default_factory=dict)
+    parameters: Mapping[str, Any] = field(default_factory=dict)
     match: Mapping[str, Any] = field(default_factory=dict)
     stream: str = "primary"
     custom_recipe: Mapping[str, Any] | None = None
@@ -293,8 +294,9 @@ class RunRouter:
         self.reply_to = reply_to
         self._starts: dict[str, dict[str, Any]] = {}
         self._streams: dict[str, tuple[str, str]] = {}  # descriptor uid -> (run uid, stream)
-        self.sent: dict[str, list[str]] = {}  # run uid -> trigger ids, in order
+        self.sent: OrderedDict[str, list[str]] = OrderedDict()  # run uid -> trigger ids
         self.last_triggered: str | None = None
+        self.keep_runs = 1000
 
     def context(self, name: str, doc: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
         """The start document and stream a document belongs to (KeyError if unknown)."""
@@ -329,6 +331,9 @@ class RunRouter:
         if triggers:
             run_uid = start["uid"]
             self.sent.setdefault(run_uid, []).extend(t.trigger_id for t in triggers)
+            self.sent.move_to_end(run_uid)
+            while len(self.sent) > self.keep_runs:
+                self.sent.popitem(last=False)
             self.last_triggered = run_uid
         if name == "stop":
             self._starts.pop(doc["run_start"], None)

@@ -17,7 +17,7 @@ import fcntl
 import json
 import logging
 import os
-import queue
+import queue as queue_mod
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +29,7 @@ import pika
 import pika.exceptions
 
 from ._queues import DEFAULT_DELIVERY_LIMIT, BrokerParams, ensure_queue
+from ._transport import prepare_queue
 from ._wire import dumps
 
 __all__ = [
@@ -119,6 +120,7 @@ class TransportPublisher:
     def __init__(self, factory: Callable[[], Any]) -> None:
         self._factory = factory
         self._transport: Any = None
+        self._known: set[str] = set()
 
     def connect(self) -> None:
         self.close()
@@ -126,11 +128,12 @@ class TransportPublisher:
         if not transport.connect():
             raise ConnectionError(f"{type(transport).__name__}.connect() failed")
         self._transport = transport
+        self._known.clear()
 
     def ensure_queue(self, name: str) -> None:
-        ensure = getattr(self._transport, "ensure_queue", None)
-        if ensure is not None:
-            ensure(name)
+        if name not in self._known:
+            prepare_queue(self._transport, name)
+            self._known.add(name)
 
     def publish(self, queue: str, body: str, headers: Mapping[str, Any]) -> None:
         if self._transport is None:
@@ -199,7 +202,7 @@ class ReliableSender:
         self.retry_for = retry_for
         self.stats = SenderStats()
         self.on_sent: Callable[[str, Mapping[str, Any]], None] | None = None
-        self._q: queue.Queue[_Item | None] = queue.Queue(max_pending)
+        self._q: queue_mod.Queue[_Item | None] = queue_mod.Queue(max_pending)
         self._pending = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -222,7 +225,7 @@ class ReliableSender:
             self.stats.queued += 1
         try:
             self._q.put_nowait(item)
-        except queue.Full:
+        except queue_mod.Full:
             log.error("sender queue full: writing message for %s to the fallback file", queue)
             self._give_up(item, "sender queue full")
 
@@ -268,12 +271,19 @@ class ReliableSender:
             if self.fallback is None:
                 log.error(
                     "LOST message to %s (%s) and no fallback file configured: %.200s",
-                    item.queue, reason, item.body,
+                    item.queue,
+                    reason,
+                    item.body,
                 )
                 return
             line = json.dumps(
-                {"queue": item.queue, "headers": item.headers, "body": item.body,
-                 "reason": reason, "time": time.time()}
+                {
+                    "queue": item.queue,
+                    "headers": item.headers,
+                    "body": item.body,
+                    "reason": reason,
+                    "time": time.time(),
+                }
             )
             self.fallback.parent.mkdir(parents=True, exist_ok=True)
             with _locked(self.fallback, "a") as fh:
@@ -281,8 +291,12 @@ class ReliableSender:
                 fh.flush()
                 os.fsync(fh.fileno())
             self.stats.to_fallback += 1
-            log.error("broker unavailable (%s): message to %s kept in %s", reason, item.queue,
-                      self.fallback)
+            log.error(
+                "broker unavailable (%s): message to %s kept in %s",
+                reason,
+                item.queue,
+                self.fallback,
+            )
         finally:
             self._done()
 
@@ -299,8 +313,7 @@ class ReliableSender:
         while True:
             try:
                 self._try_publish(item)
-            except (pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError,
-                    LookupError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever the transport raises: retry
                 # The publisher is dead or refused; drop the connection and retry.
                 self._connected = False
                 self.publisher.close()
@@ -328,7 +341,7 @@ class ReliableSender:
             while True:
                 try:
                     item = self._q.get(timeout=1.0)
-                except queue.Empty:
+                except queue_mod.Empty:
                     if self._connected:
                         try:
                             self.publisher.idle(0)
@@ -341,7 +354,7 @@ class ReliableSender:
                     while True:
                         try:
                             rest = self._q.get_nowait()
-                        except queue.Empty:
+                        except queue_mod.Empty:
                             return
                         if rest is not None:
                             self._deliver(rest)
@@ -377,7 +390,7 @@ def replay_fallback(path: str | Path, publisher: Publisher) -> tuple[int, int]:
                     connected = True
                 publisher.publish(q, body, headers)
                 sent += 1
-            except (pika.exceptions.AMQPError, OSError, ConnectionError, LookupError) as exc:
+            except Exception as exc:  # noqa: BLE001 - keep the line, report, go on
                 log.error("replay of a message to %s failed: %r", q, exc)
                 left.append(ln)
                 connected = False

@@ -34,8 +34,9 @@ from workflows.transport.pika_transport import PikaTransport
 from zocalo.service.dispatcher import Dispatcher
 
 from ._callback import DOCUMENTS_QUEUE
+from ._frames import ShmFrameSource
 from ._rules import RuleError, TriggerRule, load_rules, triggers_for
-from ._transport import NO_HEADERS
+from ._transport import NO_HEADERS, prepare_queue
 from ._wire import (
     PROCESSING_QUEUE,
     MalformedMessage,
@@ -72,8 +73,14 @@ def frame_statistics(frame: Any) -> dict[str, float]:
         cx, cy = float((xs * a).sum() / total), float((ys * a).sum() / total)
     else:
         cx = cy = float("nan")
-    return {"sum": total, "centroid_x": cx, "centroid_y": cy, "max": float(a.max()),
-            "rows": float(a.shape[0]), "cols": float(a.shape[1])}
+    return {
+        "sum": total,
+        "centroid_x": cx,
+        "centroid_y": cy,
+        "max": float(a.max()),
+        "rows": float(a.shape[0]),
+        "cols": float(a.shape[1]),
+    }
 
 
 class _GuardedTransport:
@@ -98,6 +105,7 @@ class _GuardedTransport:
 class _BridgeService(CommonService):
     _logger_name = "beampipe_zocalo.service"
     stats: dict[str, int]
+    _transport: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -115,13 +123,13 @@ class _BridgeService(CommonService):
         return int(self._setting("delivery_limit", 5))
 
     def _ensure(self, queue: str, *, create: bool = True) -> None:
-        ensure = getattr(self._transport, "ensure_queue", None)
-        if ensure is not None:
-            ensure(queue, create=create, delivery_limit=self.delivery_limit)
-        elif isinstance(self._transport, PikaTransport):
+        if prepare_queue(self._transport, queue, create=create, delivery_limit=self.delivery_limit):
+            return
+        if isinstance(self._transport, PikaTransport):
             self.log.warning(
                 "plain PikaTransport: queue %s not checked and sends not confirmed; "
-                "start with -t GuardedPikaTransport", queue,
+                "start with -t GuardedPikaTransport",
+                queue,
             )
 
     def _subscribe_guarded(
@@ -194,18 +202,19 @@ class _BridgeService(CommonService):
         except MalformedMessage as exc:
             self._dead_letter(queue, header, raw, str(exc))
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the work: bounded retry
             deliveries = int(header.get("x-delivery-count") or 0) + 1
             if deliveries >= self.delivery_limit or (
-                header.get("redelivered") and "x-delivery-count" not in header
-                and deliveries >= 2
+                header.get("redelivered") and "x-delivery-count" not in header and deliveries >= 2
             ):
-                self._dead_letter(
-                    queue, header, raw, f"failed {deliveries} time(s), last: {exc!r}"
-                )
+                self._dead_letter(queue, header, raw, f"failed {deliveries} time(s), last: {exc!r}")
             else:
-                self.log.warning("processing failed (%r); requeued (delivery %d of %d)",
-                                 exc, deliveries, self.delivery_limit)
+                self.log.warning(
+                    "processing failed (%r); requeued (delivery %d of %d)",
+                    exc,
+                    deliveries,
+                    self.delivery_limit,
+                )
                 self.stats["requeued"] += 1
                 self._transport.nack(header, requeue=True)
             return
@@ -248,8 +257,12 @@ class BeampipeDocumentTrigger(_BridgeService):
         self.in_queue = self._setting("documents_queue", DOCUMENTS_QUEUE)
         self._ensure(self.out_queue)
         self._subscribe_guarded(self.in_queue, self.on_document, recipe=False, prefetch=1)
-        self.log.info("%d rule(s); documents from %s -> requests to %s",
-                      len(self.rules), self.in_queue, self.out_queue)
+        self.log.info(
+            "%d rule(s); documents from %s -> requests to %s",
+            len(self.rules),
+            self.in_queue,
+            self.out_queue,
+        )
 
     def on_document(self, rw: Any, header: Mapping[str, Any], env: Any) -> None:
         if not isinstance(env, dict):
@@ -261,7 +274,11 @@ class BeampipeDocumentTrigger(_BridgeService):
             raise MalformedMessage("envelope needs 'doc' and 'start' objects with a run uid")
         try:
             triggers = triggers_for(
-                self.rules, name, doc, start=start, stream=env.get("stream"),
+                self.rules,
+                name,
+                doc,
+                start=start,
+                stream=env.get("stream"),
                 reply_to=env.get("reply_to"),
             )
         except RuleError as exc:
@@ -294,8 +311,9 @@ class BeampipeDispatcher(_BridgeService, Dispatcher):
         self._subscribe_guarded(
             self.in_queue, self.dispatch, recipe=False, ack_on_success=False, prefetch=1
         )
-        self.log.info("dispatching requests from %s (recipes in %s)",
-                      self.in_queue, self.recipe_basepath)
+        self.log.info(
+            "dispatching requests from %s (recipes in %s)", self.in_queue, self.recipe_basepath
+        )
 
     def dispatch(self, rw: Any, header: Mapping[str, Any], message: Any) -> None:
         validate_recipe_request(message)
@@ -312,7 +330,7 @@ class BeampipeDispatcher(_BridgeService, Dispatcher):
         try:
             for f in self.message_filters.values():
                 trial, params = f(trial, params)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - zocalo's filters raise anything
             raise MalformedMessage(f"recipe cannot be built: {exc}") from None
         reply_to = params.get("beampipe_reply_to")
         for key, step in trial["recipe"].recipe.items():
@@ -333,11 +351,17 @@ class BeampipeDispatcher(_BridgeService, Dispatcher):
 
 
 class BeampipeFrameAnalysis(_BridgeService):
-    """A recipe step: statistics of the frame in the step parameters (or payload), sent on."""
+    """A recipe step: statistics of one frame, sent on with ``rw.send``.
+
+    The frame is an array in the step parameters (``frame``) or payload, or, on the
+    detector's host, a reference into a beampipe_shm stream (``frame_stream``,
+    ``frame_id``, ``run_uid``, optional ``frame_array``).
+    """
 
     _service_name = "BeampipeFrameAnalysis"
 
     def initializing(self) -> None:
+        self.frames = ShmFrameSource(wait=float(self._setting("frame_wait", 5.0)))
         self.in_queue = self._setting("analysis_queue", ANALYSIS_QUEUE)
         self._subscribe_guarded(self.in_queue, self.analyse, recipe=True, prefetch=4)
         self.log.info("frame analysis on %s", self.in_queue)
@@ -350,8 +374,22 @@ class BeampipeFrameAnalysis(_BridgeService):
         frame = params.get("frame")
         if frame is None and isinstance(payload, dict):
             frame = payload.get("frame")
+        if frame is None and params.get("frame_stream"):
+            try:
+                frame_id = int(params["frame_id"])
+            except (KeyError, TypeError, ValueError):
+                raise MalformedMessage("frame_stream given without an integer frame_id") from None
+            frame = self.frames.get(
+                str(params["frame_stream"]),
+                frame_id,
+                params.get("run_uid"),
+                params.get("frame_array"),
+            )
         if frame is None:
-            raise MalformedMessage("no frame in the step parameters or the payload")
+            raise MalformedMessage(
+                "no frame: give 'frame' (an array) or 'frame_stream' + 'frame_id' in the step "
+                "parameters, or 'frame' in the payload"
+            )
         stats = frame_statistics(frame)
         rw.send(
             {
@@ -362,4 +400,3 @@ class BeampipeFrameAnalysis(_BridgeService):
                 "host": socket.gethostname(),
             }
         )
-

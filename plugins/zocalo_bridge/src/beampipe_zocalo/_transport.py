@@ -29,10 +29,10 @@ import workflows
 import workflows.transport.pika_transport as _pt
 from workflows.transport.pika_transport import PikaTransport
 
-from ._wire import go_headers
 from ._queues import DEFAULT_DELIVERY_LIMIT, BrokerParams, ensure_queue, queue_exists
+from ._wire import go_headers
 
-__all__ = ["NO_HEADERS", "GuardedPikaTransport", "PublishRefused"]
+__all__ = ["NO_HEADERS", "GuardedPikaTransport", "PublishRefused", "prepare_queue"]
 
 log = logging.getLogger("beampipe_zocalo.transport")
 T = TypeVar("T")
@@ -108,11 +108,11 @@ class _GuardedPikaThread(_pt._PikaThread):
         def _call() -> None:
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn(self._connection))  # type: ignore[arg-type]
-                except BaseException as e:
+                    future.set_result(fn(self._connection))
+                except BaseException as e:  # noqa: BLE001 - to the caller, not the pika thread
                     future.set_exception(e)
 
-        self._register_future_and_callback(future, _call)  # type: ignore[arg-type]
+        self._register_future_and_callback(future, _call)
         return future
 
 
@@ -139,6 +139,12 @@ class GuardedPikaTransport(PikaTransport):
 
     def __init__(self, *args: Any, broker: BrokerParams | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # workflows 3.3 keeps subscriptions in a class-level dict shared by every
+        # transport in the process, and numbers them per instance from 1: a second
+        # transport's subscription 1 would replace the first's callback, and its
+        # messages would go to the wrong consumer.  Each instance gets its own.
+        self._CommonTransport__subscriptions: dict[int, dict[str, Any]] = {}
+        self._CommonTransport__transactions: set[int] = set()
         self._broker = broker
         self._delayed_ok: bool | None = None
 
@@ -187,12 +193,19 @@ class GuardedPikaTransport(PikaTransport):
         timeout: float = 10.0,
     ) -> bool:
         """Declare ``name`` (quorum, bounded deliveries, ``dlq.<name>``) unless it exists."""
-        return self._thread().call(
-            lambda c: ensure_queue(
-                c, name, create=create, delivery_limit=delivery_limit,
-                reply_queue_ttl=reply_queue_ttl,
+        return (
+            self._thread()
+            .call(
+                lambda c: ensure_queue(
+                    c,
+                    name,
+                    create=create,
+                    delivery_limit=delivery_limit,
+                    reply_queue_ttl=reply_queue_ttl,
+                )
             )
-        ).result(timeout)
+            .result(timeout)
+        )
 
     def queue_exists(self, name: str, timeout: float = 10.0) -> bool:
         return self._thread().call(lambda c: queue_exists(c, name)).result(timeout)
@@ -211,8 +224,17 @@ class GuardedPikaTransport(PikaTransport):
 
         return self._thread().call(check).result(10)
 
-    def _send(self, destination: Any, message: Any, headers: Any = None, delay: Any = None,
-              **kwargs: Any) -> None:
+    def _send(
+        self,
+        destination: Any,
+        message: Any,
+        headers: Any = None,
+        delay: Any = None,
+        expiration: Any = None,
+        transaction: int | None = None,
+        exchange: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if not headers:
             # Stock workflows 3.3 consumers die on a header-less message: never send one.
             headers = go_headers()
@@ -224,9 +246,66 @@ class GuardedPikaTransport(PikaTransport):
                     f"send to {destination!r} with delay={delay}: the broker has no 'delayed' "
                     "exchange (rabbitmq_delayed_message_exchange plugin); the message would be lost"
                 )
-        super()._send(destination, message, headers=headers, delay=delay, **kwargs)
+        return super()._send(
+            destination,
+            message,
+            headers=headers,
+            delay=delay,
+            expiration=expiration,
+            transaction=transaction,
+            exchange=exchange,
+            **kwargs,
+        )
+
+    def _broadcast(
+        self,
+        destination: Any,
+        message: Any,
+        headers: Any = None,
+        delay: Any = None,
+        expiration: int | None = None,
+        transaction: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        # Status broadcasts go out header-less in workflows 3.3; a stock listener dies of it.
+        return super()._broadcast(
+            destination,
+            message,
+            headers=headers or go_headers(),
+            delay=delay,
+            expiration=expiration,
+            transaction=transaction,
+            **kwargs,
+        )
 
     def delete_queue(self, name: str, timeout: float = 10.0) -> None:
         from ._queues import delete_queues
 
         self._thread().call(lambda c: delete_queues(c, [name])).result(timeout)
+
+
+def prepare_queue(
+    transport: Any,
+    name: str,
+    *,
+    create: bool = True,
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    reply_queue_ttl: float | None = None,
+) -> bool:
+    """Declare (or check) a queue on whatever workflows transport this is.
+
+    Returns False when the transport cannot declare queues (stock PikaTransport):
+    then sends to a missing queue may be lost, and the caller should say so.
+    """
+    ensure = getattr(transport, "ensure_queue", None)
+    if ensure is not None:  # GuardedPikaTransport
+        ensure(name, create=create, delivery_limit=delivery_limit, reply_queue_ttl=reply_queue_ttl)
+        return True
+    declare = getattr(transport, "declare_queue", None)
+    if declare is not None:  # beampipe_shm.ShmTransport
+        if reply_queue_ttl is not None:
+            declare(name, delivery_limit=None, dead_letter_queue=None)
+        else:
+            declare(name, delivery_limit=delivery_limit)
+        return True
+    return False

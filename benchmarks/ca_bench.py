@@ -1,0 +1,454 @@
+"""beampipe-ca against the Channel Access clients a user would pick instead, on one softIoc.
+
+Run: ``.venv/bin/python benchmarks/ca_bench.py`` (about a minute).
+
+Every row is a fresh wire operation (no monitor caches): ``PV.get(use_monitor=False)``,
+``caget_many``, aioca ``caget``, caproto's threading client ``read``; a bare libca
+batch (``ca_array_get`` x N + one ``ca_pend_io``, no Python per reply) is the floor.
+Every read is checked for a value before it is timed.  Connect rows use PV names no
+client in the process has seen before (``record.FIELD`` names, one field per repetition).
+Prints medians, and ratios as "peer time / beampipe time" (above 1: beampipe is faster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from beampipe.testing import Ioc, pin_epics_to_loopback
+
+pin_epics_to_loopback()
+
+import numpy as np  # noqa: E402
+
+import beampipe_ca  # noqa: E402  (points pyepics at epicscorelibs' libca)
+
+N_SCALARS = 300
+N_WF = 100
+WF_LEN = 1000
+# Fields of an ao record, each a new CA channel name per record: fresh names for connect rows.
+FIELDS = [
+    "VAL", "DESC", "EGU", "HOPR", "LOPR", "PREC", "HIHI", "LOLO", "HIGH", "LOW",
+    "DRVH", "DRVL", "MDEL", "ADEL", "OROC", "EOFF", "ESLO", "AOFF", "ASLO", "DISV",
+    "SCAN", "PINI", "NAME", "RVAL", "ORAW", "SEVR", "STAT", "UDF", "TPRO", "PHAS",
+]  # fmt: skip
+# More ao fields, for the "what paces libca's search" table.
+PACING_FIELDS = [
+    "DTYP", "DISA", "DISS", "SDIS", "PRIO", "ACKS", "ACKT", "LCNT", "PACT", "PUTF", "RPRO",
+    "HHSV", "LLSV", "HSV", "LSV", "HYST", "LALM", "ALST", "MLST",
+]  # fmt: skip
+NUMERIC_FIELDS = ["HOPR", "LOPR", "HIHI", "LOLO", "HIGH", "LOW", "DRVH", "DRVL", "MDEL", "ADEL"]
+
+rows: list[tuple[str, str, float]] = []  # (row, client, median seconds)
+
+
+def median_time(fn: Callable[[], Any], reps: int, check: Callable[[Any], None]) -> float:
+    check(fn())  # warm-up, and proof that it returns values
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        check(out)
+    return statistics.median(times)
+
+
+def record(row: str, client: str, seconds: float) -> None:
+    rows.append((row, client, seconds))
+    print(f"  {row:<34} {client:<30} {seconds * 1e3:9.3f} ms", flush=True)
+
+
+def all_values(out: Any) -> None:
+    values = list(out.values()) if isinstance(out, dict) else list(out)
+    missing = sum(v is None for v in values)
+    if missing:
+        raise SystemExit(f"benchmark invalid: {missing} of {len(values)} reads returned no value")
+
+
+def one_value(out: Any) -> None:
+    if out is None:
+        raise SystemExit("benchmark invalid: a read returned no value")
+
+
+# -- bare libca floor ------------------------------------------------------------------
+class LibcaFloor:
+    """N ca_array_get into preallocated DBR_TIME buffers, one ca_pend_io: no per-reply Python."""
+
+    def __init__(self, names: list[str]) -> None:
+        from epicscorelibs.ca import dbr
+
+        from beampipe_ca._libca import context
+
+        self.ctx = context()
+        self.lib = self.ctx.lib
+        self.lib.ca_array_get.argtypes = [
+            ctypes.c_long,
+            ctypes.c_ulong,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        self.lib.ca_pend_io.argtypes = [ctypes.c_double]
+        chans = self.ctx.channels(names)
+        assert not self.ctx.wait_connected(chans, 10)
+        self.jobs = []
+        for chan in chans:
+            struct = dbr.DbrCodeToType[chan.native + 14]
+            if chan.count > 1:
+                buf = ctypes.create_string_buffer(ctypes.sizeof(struct) + 8 * chan.count)
+            else:
+                buf = struct()
+            self.jobs.append((chan.native + 14, chan.count, chan.chid, buf, struct))
+
+    def read(self) -> list[Any]:
+        self.ctx.attach()
+        get = self.lib.ca_array_get
+        for dbrcode, count, chid, buf, _s in self.jobs:
+            get(dbrcode, count, chid, ctypes.byref(buf))
+        if self.lib.ca_pend_io(5.0) != 1:
+            return [None]
+        out = []
+        for _d, count, _c, buf, struct in self.jobs:
+            if count > 1:
+                arr = np.empty(count)
+                start = ctypes.addressof(buf) + struct.raw_value.offset
+                ctypes.memmove(arr.ctypes.data, start, arr.nbytes)
+                out.append(arr)
+            else:
+                out.append(buf.raw_value[0])
+        return out
+
+
+# -- the rows --------------------------------------------------------------------------------
+def reads(ioc: Ioc, loop: asyncio.AbstractEventLoop) -> None:
+    import epics
+    from caproto.threading.client import Context as CaprotoContext
+
+    scalars = [ioc.pv(f"s{i}") for i in range(100)]
+    waves = [ioc.pv(f"w{i}") for i in range(N_WF)]
+    data = np.arange(WF_LEN, dtype=float)
+    for name in waves:
+        epics.caput(name, data, wait=True)
+    caproto_ctx = CaprotoContext()
+
+    def run(coro: Any) -> Any:
+        return loop.run_until_complete(coro)
+
+    run(_attach())
+    for row, names, reps in (
+        ("single fresh get", scalars[:1], 300),
+        ("bulk 100 scalars", scalars, 60),
+        (f"bulk {N_WF} waveforms x {WF_LEN} doubles", waves, 40),
+    ):
+        _read_row(row, names, reps, caproto_ctx, run)
+    caproto_ctx.disconnect()
+
+
+def _read_row(
+    row: str, names: list[str], reps: int, caproto_ctx: Any, run: Callable[[Any], Any]
+) -> None:
+    import aioca
+    import epics
+
+    assert not beampipe_ca.connect(names, timeout=10)
+    floor = LibcaFloor(names)
+    pvs = [epics.PV(n, auto_monitor=False) for n in names]
+    assert all(pv.wait_for_connection(10) for pv in pvs)
+    cpvs = caproto_ctx.get_pvs(*names)
+    for cpv in cpvs:
+        cpv.wait_for_connection(timeout=10)
+    run(aioca.connect(names, timeout=10))
+    if len(names) == 1:
+        name, pv, cpv = names[0], pvs[0], cpvs[0]
+        record(row, "beampipe_ca.caget", median_time(
+            lambda: beampipe_ca.caget(name).value, reps, one_value))  # fmt: skip
+        record(row, "libca floor (pend_io)", median_time(floor.read, reps, all_values))
+        record(row, "pyepics PV.get(use_monitor=F)", median_time(
+            lambda: pv.get(use_monitor=False), reps, one_value))  # fmt: skip
+        record(row, "aioca caget", median_time(
+            lambda: run(aioca.caget(name)), reps, one_value))  # fmt: skip
+        record(row, "caproto threading read", median_time(
+            lambda: cpv.read().data, reps, one_value))  # fmt: skip
+        return
+    record(row, "beampipe_ca.bulk_get", median_time(
+        lambda: beampipe_ca.bulk_get(names), reps, all_values))  # fmt: skip
+    record(row, "libca floor (pend_io)", median_time(floor.read, reps, all_values))
+    record(row, "pyepics caget_many", median_time(
+        lambda: epics.caget_many(names), reps, all_values))  # fmt: skip
+    record(row, "aioca caget(list)", median_time(
+        lambda: run(aioca.caget(names)), reps, all_values))  # fmt: skip
+    record(row, "caproto threading Batch", median_time(
+        lambda: _caproto_batch(cpvs), reps, all_values))  # fmt: skip
+
+
+async def _attach() -> None:
+    from beampipe_ca._libca import context
+
+    context().attach()  # aioca adopts the shared context in the loop's thread
+
+
+def _caproto_batch(cpvs: list[Any]) -> list[Any]:
+    from caproto.threading.client import Batch
+
+    out: list[Any] = [None] * len(cpvs)
+    left = [len(cpvs)]
+    import threading
+
+    done = threading.Event()
+
+    def make_cb(i: int) -> Callable[[Any], None]:
+        def cb(resp: Any) -> None:
+            out[i] = resp.data
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+        return cb
+
+    with Batch() as b:
+        for i, pv in enumerate(cpvs):
+            b.read(pv, make_cb(i))
+    if not done.wait(5):
+        return [None]
+    return out
+
+
+def connects(ioc: Ioc, loop: asyncio.AbstractEventLoop) -> None:
+    import aioca
+    import epics
+    from caproto.threading.client import Context as CaprotoContext
+
+    fields = iter(FIELDS)
+
+    def fresh(n: int = 100) -> list[str]:
+        field = next(fields)
+        return [ioc.pv(f"s{i}.{field}") for i in range(n)]
+
+    def timed(fn: Callable[[list[str]], bool], reps: int) -> float:
+        times = []
+        for _ in range(reps):
+            names = fresh()
+            t0 = time.perf_counter()
+            ok = fn(names)
+            times.append(time.perf_counter() - t0)
+            if not ok:
+                raise SystemExit("benchmark invalid: a connect did not complete")
+        return statistics.median(times)
+
+    row = "connect 100 never-seen PVs"
+    record(row, "beampipe_ca.connect", timed(lambda n: not beampipe_ca.connect(n, 10), 5))
+
+    def pyepics_connect(names: list[str]) -> bool:
+        pvs = [epics.PV(n, auto_monitor=False) for n in names]
+        return all(pv.wait_for_connection(10) for pv in pvs)
+
+    record(row, "pyepics PV + wait_for_connection", timed(pyepics_connect, 5))
+
+    def aioca_connect(names: list[str]) -> bool:
+        return all(loop.run_until_complete(aioca.connect(names, timeout=10)))
+
+    record(row, "aioca connect(list)", timed(aioca_connect, 5))
+    ctx = CaprotoContext()
+
+    def caproto_connect(names: list[str]) -> bool:
+        pvs = ctx.get_pvs(*names)
+        for pv in pvs:
+            pv.wait_for_connection(timeout=10)
+        return all(pv.connected for pv in pvs)
+
+    record(row, "caproto threading get_pvs", timed(caproto_connect, 5))
+    ctx.disconnect()
+
+    # What paces libca: connect time against the number of new channels.
+    pacing = iter(PACING_FIELDS)
+    print("  libca search pacing (beampipe_ca.connect of N new PVs, 3 repetitions each):")
+    for n in (1, 10, 30, 100, 300):
+        times = []
+        for _ in range(3):
+            field = next(pacing)
+            names = [ioc.pv(f"s{i}.{field}") for i in range(n)]
+            t0 = time.perf_counter()
+            if beampipe_ca.connect(names, 10):
+                raise SystemExit("benchmark invalid: a connect did not complete")
+            times.append(1e3 * (time.perf_counter() - t0))
+        print(f"    N = {n:3d}: " + ", ".join(f"{t:5.1f}" for t in times) + " ms")
+
+
+def ophyd_devices(ioc: Ioc) -> None:
+    import beampipe
+
+    beampipe.import_ophyd()
+    import ophyd
+    from ophyd import Component as Cpt
+    from ophyd import Device, EpicsSignalRO
+
+    fields = iter(FIELDS[20:])
+    failures = {"pyepics": 0, "beampipe-ca": 0}
+
+    def one(layer: str, field: str | None = None) -> tuple[float, float]:
+        field = field or next(fields)
+        attrs = {f"s{i}": Cpt(EpicsSignalRO, f"s{100 + i}.{field}") for i in range(200)}
+        t0 = time.perf_counter()
+        dev = type("Bank", (Device,), attrs)(ioc.prefix, name="bank")
+        try:
+            dev.wait_for_connection(timeout=10)
+        except TimeoutError:
+            failures[layer] += 1
+            return float("nan"), float("nan")
+        t1 = time.perf_counter()
+        reading = dev.read()
+        t2 = time.perf_counter()
+        all_values({k: v["value"] for k, v in reading.items()})
+        if len(reading) != 200:
+            raise SystemExit(f"benchmark invalid: Device read {len(reading)} of 200 signals")
+        dev.destroy()
+        return t1 - t0, t2 - t1
+
+    results: dict[str, list[tuple[float, float]]] = {"pyepics": [], "beampipe-ca": []}
+    for _ in range(3):
+        for layer in ("pyepics", "beampipe-ca"):
+            if layer == "pyepics":
+                beampipe.reset()
+                ophyd.set_cl("pyepics")
+            else:
+                beampipe.use("beampipe-ca", ophyd_async=False)
+            results[layer].append(one(layer))
+    beampipe.reset()
+    for layer, label in (("beampipe-ca", "beampipe-ca layer"), ("pyepics", "ophyd pyepics layer")):
+        con = statistics.median(c for c, _r in results[layer])
+        rd = statistics.median(r for _c, r in results[layer])
+        record("ophyd Device(200) connect", label, con)
+        record("ophyd Device(200) read", label, rd)
+    # Reliability: the same Device built and connected again and again (each destroy clears
+    # its channels, so each connect is a new libca search and metadata batch).
+    beampipe.use("beampipe-ca", ophyd_async=False)
+    reps = 30
+    times = [one("beampipe-ca", FIELDS[27])[0] for _ in range(reps)]
+    beampipe.reset()
+    print(
+        f"  ophyd Device(200) connect, beampipe-ca, {reps} repetitions: "
+        f"{failures['beampipe-ca']} failures, median {1e3 * statistics.median(times):.1f} ms, "
+        f"max {1e3 * max(times):.1f} ms"
+    )
+    if failures["pyepics"]:
+        print(f"  ophyd Device(200) connect: {failures['pyepics']} failures on the pyepics layer")
+
+
+def ophyd_async_devices(ioc: Ioc, loop: asyncio.AbstractEventLoop) -> None:
+    from ophyd_async.core import DeviceVector, SignalR, StandardReadable
+    from ophyd_async.epics.core._aioca import CaSignalBackend as AiocaBackend
+
+    from beampipe_ca import CaSignalBackend
+
+    class Bank(StandardReadable):
+        def __init__(self, backend: type, field: str) -> None:
+            with self.add_children_as_readables():
+                self.s = DeviceVector(
+                    {
+                        i: SignalR(backend(float, pv, pv))
+                        for i in range(200)
+                        for pv in [f"{ioc.prefix}s{100 + i}.{field}"]
+                    }
+                )
+            super().__init__(name="bank")
+
+    fields = iter(NUMERIC_FIELDS)
+    results: dict[str, tuple[list[float], list[float]]] = {"beampipe": ([], []), "aioca": ([], [])}
+
+    async def one(label: str, backend: type) -> None:
+        dev = Bank(backend, next(fields))
+        t0 = time.perf_counter()
+        await dev.connect(timeout=10)
+        t1 = time.perf_counter()
+        reads = []
+        for _ in range(10):
+            r0 = time.perf_counter()
+            reading = await dev.read()
+            reads.append(time.perf_counter() - r0)
+            all_values({k: v["value"] for k, v in reading.items()})
+        results[label][0].append(t1 - t0)
+        results[label][1].append(statistics.median(reads))
+
+    for _ in range(3):
+        loop.run_until_complete(one("beampipe", CaSignalBackend))
+        loop.run_until_complete(one("aioca", AiocaBackend))
+    for label, name in (("beampipe", "beampipe CaSignalBackend"), ("aioca", "ophyd-async aioca")):
+        record("ophyd-async Device(200) connect", name, statistics.median(results[label][0]))
+        record("ophyd-async Device(200) read", name, statistics.median(results[label][1]))
+
+
+def summary() -> None:
+    print("\nratios (peer median / beampipe median; >1 means beampipe is faster):")
+    by_row: dict[str, dict[str, float]] = {}
+    for row, client, sec in rows:
+        by_row.setdefault(row, {})[client] = sec
+    for row, clients in by_row.items():
+        ours = next(v for k, v in clients.items() if "beampipe" in k)
+        parts = [f"{k} {v / ours:.2f}x" for k, v in clients.items() if "beampipe" not in k]
+        print(f"  {row:<34} " + "; ".join(parts))
+
+    def get(row: str, client_prefix: str) -> float:
+        return next(v for k, v in by_row[row].items() if k.startswith(client_prefix))
+
+    print("\ntargets from issue 3:")
+    checks = [
+        ("bulk 100 scalars >= 30x faster than aioca",
+         get("bulk 100 scalars", "aioca") / get("bulk 100 scalars", "beampipe"), 30.0, True),
+        ("bulk 100 scalars within 1.5x of the libca floor",
+         get("bulk 100 scalars", "beampipe") / get("bulk 100 scalars", "libca floor"), 1.5, False),
+        ("100 waveforms no slower than the libca floor",
+         get(f"bulk {N_WF} waveforms x {WF_LEN} doubles", "beampipe")
+         / get(f"bulk {N_WF} waveforms x {WF_LEN} doubles", "libca floor"), 1.0, False),
+        ("ophyd Device(200) connect >= 5x faster than pyepics layer",
+         get("ophyd Device(200) connect", "ophyd pyepics")
+         / get("ophyd Device(200) connect", "beampipe"), 5.0, True),
+        ("ophyd-async 200-signal read >= 3x faster than aioca",
+         get("ophyd-async Device(200) read", "ophyd-async aioca")
+         / get("ophyd-async Device(200) read", "beampipe"), 3.0, True),
+    ]  # fmt: skip
+    for text, value, target, higher_is_better in checks:
+        ok = value >= target if higher_is_better else value <= target
+        print(f"  [{'met' if ok else 'MISSED'}] {text}: {value:.2f}x")
+
+
+def main() -> int:
+    lines = [
+        f'record(ao, "$(P)s{i}") {{ field(VAL, "{i}") field(PREC, "2") field(EGU, "V") }}'
+        for i in range(N_SCALARS)
+    ]
+    lines += [
+        f'record(waveform, "$(P)w{i}") {{ field(FTVL, "DOUBLE") field(NELM, "{WF_LEN}") }}'
+        for i in range(N_WF)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "bench.db"
+        db.write_text("\n".join(lines) + "\n")
+        with Ioc(db) as ioc:
+            print(
+                f"softIoc pid {ioc.pid}, {N_SCALARS} ao + {N_WF} waveforms; "
+                f"python {sys.version.split()[0]}, {os.cpu_count()} cpus"
+            )
+            loop = asyncio.new_event_loop()
+            try:
+                reads(ioc, loop)
+                connects(ioc, loop)
+                ophyd_devices(ioc)
+                ophyd_async_devices(ioc, loop)
+            finally:
+                import aioca
+
+                aioca.purge_channel_caches()
+                loop.close()
+    summary()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

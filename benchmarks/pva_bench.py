@@ -1,0 +1,285 @@
+"""beampipe-pva against p4p and ophyd-async's own PVA backend: one command, one run, one server.
+
+    .venv/bin/python benchmarks/pva_bench.py [--quick]
+
+Every peer reads the same QSRV (a pvxslibs softIoc started here) in the same
+run; every timed read is a fresh GET (no monitor caches), and every read is
+checked to have returned a value before anything is timed.  Medians over
+repeats; ratios are "peer time / beampipe time" (higher = beampipe faster).
+The machine is shared, so trust ratios more than absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+N_SCALARS = 100
+N_WAVEFORMS = 100
+WAVEFORM_LEN = 1000
+N_CONNECT = 100
+N_DEVICE = 200
+POOL = 4000  # scalar records: enough fresh names for every connect repeat of every peer
+
+
+def _db() -> str:
+    lines = [
+        f'record(ao, "$(P)s{i}") {{ field(VAL, "{i}") field(EGU, "mm") field(PREC, "3") '
+        'field(PINI, "YES") }'
+        for i in range(POOL)
+    ]
+    lines += [
+        f'record(waveform, "$(P)w{i}") {{ field(FTVL, "DOUBLE") field(NELM, "{WAVEFORM_LEN}") }}'
+        for i in range(N_WAVEFORMS)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, float, float | None]] = []
+
+    def add(self, row: str, peer: str, ms: float, ours: float | None = None) -> None:
+        self.rows.append((row, peer, ms, None if ours is None else ms / ours))
+        ratio = "" if ours is None else f"  x{ms / ours:5.2f}"
+        print(f"  {row:<34} {peer:<30} {ms:9.3f} ms{ratio}", flush=True)
+
+
+def p4p_raw_get(ctx: Any, names: list[str], timeout: float = 5.0) -> list[Any]:
+    """The plain p4p.client.raw pattern: issue every get, wait for all, drop the operations."""
+    done = threading.Event()
+    out: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def make(name: str) -> Callable[[Any], None]:
+        def cb(value: Any) -> None:
+            with lock:
+                out[name] = value
+                if len(out) == len(names):
+                    done.set()
+
+        return cb
+
+    ops = [ctx.get(name, make(name)) for name in names]
+    if not done.wait(timeout):
+        raise TimeoutError(f"p4p raw: {len(names) - len(out)} of {len(names)} gets unanswered")
+    for op in ops:
+        op.close()
+    return [out[n] for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    args = parser.parse_args(argv)
+    reps = 8 if args.quick else 30
+
+    from beampipe.testing import Ioc, pin_epics_to_loopback
+
+    pin_epics_to_loopback()
+    from p4p.client import raw
+    from p4p.client.thread import Context
+
+    import beampipe_pva
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "bench.db"
+        db.write_text(_db())
+        with Ioc(db, startup_timeout=60) as ioc:
+            print(
+                f"QSRV softIoc pid {ioc.pid}, {POOL} ao + {N_WAVEFORMS} waveforms; {reps} repeats"
+            )
+            table = Table()
+            scalars = [ioc.pv(f"s{i}") for i in range(N_SCALARS)]
+            waves = [ioc.pv(f"w{i}") for i in range(N_WAVEFORMS)]
+            fresh = iter(ioc.pv(f"s{i}") for i in range(N_SCALARS, POOL))
+            ctx = Context("pva", nt=False)
+            rctx = raw.Context("pva", nt=False, useenv=True)
+            try:
+                _check(beampipe_pva.bulk_get(scalars + waves), scalars + waves)
+                _check(dict(zip(scalars, ctx.get(scalars), strict=True)), scalars)
+                _check(dict(zip(waves, p4p_raw_get(rctx, waves), strict=True)), waves)
+                _bench_reads(table, reps, scalars, waves, ctx, rctx)
+                _bench_connect(table, reps, fresh, Context, beampipe_pva)
+                asyncio.run(_bench_ophyd_async(table, max(5, reps // 3), fresh, scalars))
+            finally:
+                ctx.close()
+                rctx.close()
+                beampipe_pva.close_context()
+    _bench_ndarray(table, reps)
+    _summary(table)
+    return 0
+
+
+def _check(values: dict[str, Any], names: list[str]) -> None:
+    missing = [n for n in names if values.get(n) is None]
+    if missing:
+        raise SystemExit(
+            f"benchmark aborted: {len(missing)} reads returned nothing, e.g. {missing[0]}"
+        )
+
+
+def _bench_reads(
+    table: Table, reps: int, scalars: list[str], waves: list[str], ctx: Any, rctx: Any
+) -> None:
+    import beampipe_pva
+
+    one = scalars[0]
+    ours = median_ms(lambda: beampipe_pva.bulk_get([one]), reps * 3)
+    table.add("single get", "beampipe bulk_get([1])", ours)
+    table.add("single get", "p4p Context.get", median_ms(lambda: ctx.get(one), reps * 3), ours)
+
+    for label, names in (
+        (f"bulk get {N_SCALARS} scalars", scalars),
+        (f"bulk get {N_WAVEFORMS} wf x {WAVEFORM_LEN} dbl", waves),
+    ):
+        ours = median_ms(lambda names=names: beampipe_pva.bulk_get(names), reps)
+        table.add(label, "beampipe bulk_get", ours)
+        table.add(label, "p4p Context.get(list)", median_ms(lambda n=names: ctx.get(n), reps), ours)
+        table.add(
+            label, "p4p.client.raw", median_ms(lambda n=names: p4p_raw_get(rctx, n), reps), ours
+        )
+
+
+def _bench_connect(table: Table, reps: int, fresh: Any, context_cls: Any, bp: Any) -> None:
+    """Search + connect + first get of PVs this process has never asked for."""
+    label = f"connect {N_CONNECT} new PVs + get"
+    n = max(3, reps // 4)
+
+    def ours() -> None:
+        names = [next(fresh) for _ in range(N_CONNECT)]
+        bp.close_context()
+        _check(bp.bulk_get(names), names)
+
+    def p4p() -> None:
+        names = [next(fresh) for _ in range(N_CONNECT)]
+        with context_cls("pva", nt=False) as c:
+            c.get(names)
+
+    t_ours = median_ms(ours, n, warmup=1)
+    table.add(label, "beampipe bulk_get (new ctx)", t_ours)
+    table.add(label, "p4p Context.get(list) (new ctx)", median_ms(p4p, n, warmup=1), t_ours)
+
+
+async def _bench_ophyd_async(table: Table, reps: int, fresh: Any, scalars: list[str]) -> None:
+    from ophyd_async.core import Device, SignalR
+    from ophyd_async.epics.core._p4p import PvaSignalBackend as TheirBackend
+
+    from beampipe_pva import PvaSignalBackend as OurBackend
+
+    class Many(Device):
+        def __init__(self, backend: type, names: list[str]) -> None:
+            self.sigs = [SignalR(backend(float, n, n), name=f"s{i}") for i, n in enumerate(names)]
+            super().__init__(name="many")
+
+    async def timed(fn: Callable[[], Any], n: int) -> float:
+        await fn()
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await fn()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out) * 1e3
+
+    async def connect_new(backend: type) -> None:
+        names = [next(fresh) for _ in range(N_DEVICE)]
+        dev = Many(backend, names)
+        await asyncio.gather(*(s.connect(timeout=10) for s in dev.sigs))
+
+    n = max(2, reps // 3)
+    label = f"ophyd-async {N_DEVICE} signals: connect"
+    ours = await timed(lambda: connect_new(OurBackend), n)
+    table.add(label, "beampipe backend", ours)
+    table.add(
+        label,
+        "ophyd-async PvaSignalBackend",
+        await timed(lambda: connect_new(TheirBackend), n),
+        ours,
+    )
+
+    names = [next(fresh) for _ in range(N_DEVICE)]
+    devs = {b: Many(b, names) for b in (OurBackend, TheirBackend)}
+    for dev in devs.values():
+        await asyncio.gather(*(s.connect(timeout=10) for s in dev.sigs))
+
+    async def read(backend: type) -> None:
+        readings = await asyncio.gather(*(s.read() for s in devs[backend].sigs))
+        assert all(r for r in readings)
+
+    label = f"ophyd-async {N_DEVICE} signals: read"
+    ours = await timed(lambda: read(OurBackend), reps)
+    table.add(label, "beampipe backend", ours)
+    table.add(
+        label, "ophyd-async PvaSignalBackend", await timed(lambda: read(TheirBackend), reps), ours
+    )
+
+
+def _bench_ndarray(table: Table, reps: int) -> None:
+    """Decode of a 2048x2048 uint16 NTNDArray received from a p4p Server, vs memcpy of its bytes."""
+    import secrets
+
+    from p4p.nt import NTNDArray
+    from p4p.server import Server
+    from p4p.server.raw import SharedPV
+
+    import beampipe_pva
+    from beampipe import Ok
+
+    image = np.random.default_rng(1).integers(0, 4000, (2048, 2048), dtype=np.uint16)
+    name = f"BPBENCH{secrets.token_hex(3)}:image"
+    pv = SharedPV(initial=NTNDArray().wrap(image, attrib={"ColorMode": 0}))
+    server = Server(providers=[{name: pv}])
+    try:
+        outcome = beampipe_pva.bulk_get_raw([name], timeout=10)[name]
+        if not isinstance(outcome, Ok):
+            raise SystemExit(f"benchmark aborted: the image read failed: {outcome}")
+        value = outcome.value
+    finally:
+        server.stop()
+    frame = beampipe_pva.decode_ndarray(value, name)
+    assert frame.shape == image.shape and np.array_equal(frame.data, image)
+    dst = np.empty_like(image)
+    n = reps * 3
+    t_decode = median_ms(lambda: beampipe_pva.decode_ndarray(value, name), n)
+    t_copy = median_ms(lambda: np.copyto(dst, image), n)
+    t_decode_copy = median_ms(
+        lambda: np.copyto(dst, beampipe_pva.decode_ndarray(value, name).data), n
+    )
+    label = "NTNDArray 2048x2048 u16 decode"
+    table.add(label, f"beampipe decode ({1e3 / t_decode:,.0f} fr/s)", t_decode)
+    table.add(label, f"memcpy same bytes ({1e3 / t_copy:,.0f} fr/s)", t_copy, t_decode)
+    table.add(
+        label, f"decode + copy out ({1e3 / t_decode_copy:,.0f} fr/s)", t_decode_copy, t_decode
+    )
+
+
+def _summary(table: Table) -> None:
+    print("\nratios (peer / beampipe; > 1 means beampipe is faster):")
+    for row, peer, _ms, ratio in table.rows:
+        if ratio is not None:
+            print(f"  {row:<34} vs {peer:<30} x{ratio:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
