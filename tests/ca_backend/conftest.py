@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,9 @@ def _free_slot_port() -> int:
             for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
                 s = socket.socket(socket.AF_INET, kind)
                 socks.append(s)
+                if kind == socket.SOCK_STREAM:
+                    # As CA servers do: a port in TIME_WAIT from the last IOC is reusable.
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", port))
             return port
         except OSError:
@@ -76,39 +80,49 @@ def _free_slot_port() -> int:
     raise RuntimeError("no free CA port in EPICS_CA_ADDR_LIST for the caproto IOC")
 
 
-@pytest.fixture
-def fake_motor_ioc(tmp_path):
-    """caproto's fake motor-record IOC (mtr1: velocity 1, limits 0..10) on a private port."""
+@contextlib.contextmanager
+def caproto_ioc(module: str, prefix: str, pv_to_check: str, log_path: Path):
+    """Run one of caproto's (or ophyd's) example IOCs on a free CA port of this process."""
     import os
-    import secrets
     import subprocess
     import sys
     import time
 
-    prefix = f"BPM{secrets.token_hex(3).upper()}:"
     port = _free_slot_port()
     env = {**os.environ, "EPICS_CA_SERVER_PORT": str(port), "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1"}
-    log = (tmp_path / "motor.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "caproto.ioc_examples.fake_motor_record", "--prefix", prefix,
-         "--interfaces", "127.0.0.1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        import beampipe_ca
-
-        deadline = time.monotonic() + 30
-        while beampipe_ca.connect([f"{prefix}mtr1.DMOV"], timeout=1.0):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"fake motor IOC did not come up: {(tmp_path / 'motor.log').read_text()}"
-                )
-        yield f"{prefix}mtr1"
-    finally:
-        proc.terminate()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--prefix", prefix, "--interfaces", "127.0.0.1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+            import beampipe_ca
+
+            deadline = time.monotonic() + 30
+            while beampipe_ca.connect([pv_to_check], timeout=1.0):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{module} did not come up: {log_path.read_text()}")
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def motor_record_ioc(tmp_path):
+    """caproto's fake motor-record IOC (mtr1: velocity 1, limits 0..10); yields the motor PV."""
+    import secrets
+
+    prefix = f"BPM{secrets.token_hex(3).upper()}:"
+    module = "caproto.ioc_examples.fake_motor_record"
+    with caproto_ioc(module, prefix, f"{prefix}mtr1.DMOV", tmp_path / "motor.log"):
+        yield f"{prefix}mtr1"
+
+
+def pytest_configure(config):
+    # ophyd's own test module (imported by test_ophyd_upstream.py) marks its motor tests.
+    config.addinivalue_line("markers", "motorsim: ophyd's marker for its motor-simulator tests")

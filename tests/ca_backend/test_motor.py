@@ -10,11 +10,11 @@ import beampipe
 
 
 @pytest.fixture
-def motor(fake_motor_ioc):
+def motor(motor_record_ioc):
     beampipe.use("beampipe-ca", ophyd_async=False)
     from ophyd import EpicsMotor
 
-    m = EpicsMotor(fake_motor_ioc, name="m")
+    m = EpicsMotor(motor_record_ioc, name="m")
     m.wait_for_connection(timeout=20)
     yield m
     m.destroy()

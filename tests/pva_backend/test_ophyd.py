@@ -102,3 +102,49 @@ def test_unknown_pv_times_out_naming_it(ophyd: Any, ioc: Any) -> None:
 def test_ca_names_are_refused(ophyd: Any) -> None:
     with pytest.raises(ValueError, match="ca:// names belong to the CA layer"):
         _ophyd.get_pv("ca://X:y")
+
+
+# The RunEngine starts bluesky's process-wide event-loop thread "bluesky-run-engine" on first
+# use; it is not ours to stop (the lead is asked to list it in beampipe_allowed_threads).
+@pytest.mark.allow_leaks("threads")
+def test_bluesky_count_over_pva(ophyd: Any, ioc: Any) -> None:
+    from bluesky import RunEngine
+    from bluesky.plans import count
+
+    det = ophyd.EpicsSignalRO(f"pva://{ioc.pv('alarmed')}", name="det")
+    mot = ophyd.EpicsSignal(f"pva://{ioc.pv('ao')}", name="mot")
+    det.wait_for_connection(timeout=5)
+    mot.wait_for_connection(timeout=5)
+    mot.put(2.5, wait=True)
+    rows: list[dict[str, Any]] = []
+    run_engine = RunEngine({}, call_returns_result=False)
+    run_engine(
+        count([det, mot], num=3), lambda name, doc: rows.append(doc) if name == "event" else None
+    )
+    assert len(rows) == 3
+    assert all(r["data"]["det"] == pytest.approx(5.0) for r in rows)
+    assert all(r["data"]["mot"] == pytest.approx(2.5) for r in rows)
+    det.destroy()
+    mot.destroy()
+
+
+def test_disconnect_and_reconnect_are_reported(ophyd: Any, ioc: Any) -> None:
+    import time
+
+    sig = ophyd.EpicsSignal(f"pva://{ioc.pv('ao')}", name="ao", auto_monitor=True)
+    sig.wait_for_connection(timeout=5)
+    states: list[bool] = []
+    sig.subscribe(lambda **kw: states.append(bool(kw["connected"])), event_type="meta", run=False)
+    ioc.stop()
+    deadline = time.monotonic() + 10
+    while sig.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sig.connected
+    ioc.start()
+    deadline = time.monotonic() + 20
+    while not sig.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sig.connected
+    assert sig.get(use_monitor=False) == pytest.approx(1.5)
+    assert False in states and states[-1] is True
+    sig.destroy()

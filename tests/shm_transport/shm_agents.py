@@ -45,9 +45,11 @@ def produce(
             break
         time.sleep(0.01)
     t_next = time.monotonic()
-    for i in range(1, n + 1):
-        with p.frame(frame_id=1000 + i, attrs={"i": i}) as f:
-            f["img"][...] = i
+    give_up = time.monotonic() + 30
+    while p.frames_published < n and time.monotonic() < give_up:
+        seq = p.frames_published + 1  # a dropped frame's number is reused by the next one
+        with p.frame(frame_id=1000 + seq, attrs={"i": seq}) as f:
+            f["img"][...] = seq
         if period:
             t_next += period
             time.sleep(max(0.0, t_next - time.monotonic()))
@@ -68,12 +70,10 @@ def produce_forever(name: str, shape: list[int], seconds: float, slots: int = 3)
     p = Producer(name, spec(shape), slots=slots)
     say(event="ready", pid=os.getpid())
     end = time.monotonic() + seconds
-    i = 0
     while time.monotonic() < end:
-        i += 1
         with p.frame() as f:
-            f["img"][...] = i
-    say(event="done", published=i, dropped=p.dropped, lease_skips=p.lease_skips)
+            f["img"][...] = f.seq  # (a dropped frame's number is reused by the next one)
+    say(event="done", published=p.frames_published, dropped=p.dropped, lease_skips=p.lease_skips)
     p.close()
 
 

@@ -401,3 +401,52 @@ def test_forgotten_producer_and_reader_clean_up_after_themselves(shm_name: str) 
     assert not os.path.exists(f"/dev/shm/bp.{shm_name}")
     assert r2.producer_closed
     r2.close()
+
+
+def test_a_copy_the_producer_rewrote_meanwhile_is_discarded(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seqlock check, made deterministic: the producer starts rewriting the slot while
+    the reader copies it; the copy must be dropped (and counted), never returned."""
+    with one(shm_name, slots=3) as p, Reader(shm_name, copy=True) as r:
+        fill(p, 1)
+        k = p._latest_k
+        original = Reader._build
+        calls = []
+
+        def racing_build(self: Reader, *args: object, **kw: object) -> object:
+            frame = original(self, *args, **kw)  # type: ignore[arg-type]
+            if not calls:  # producer claims the same slot for frame 2 mid-copy
+                p._words[p._slot_word[k]] = 2 * 2 - 1
+                p._views[k]["img"][...] = 2
+            calls.append(1)
+            return frame
+
+        monkeypatch.setattr(Reader, "_build", racing_build)
+        assert r.read(timeout=0) is None  # frame 1's slot is half-rewritten: nothing to give
+        assert r.stats.torn == 1
+        monkeypatch.undo()
+        p._words[p._slot_word[k]] = 0  # the "crashed" rewrite: abandoned
+        fill(p, 3)
+        f = r.read(timeout=0)
+        assert f is not None
+        assert (f["img"] == 3).all()
+
+
+def test_a_lease_taken_during_the_claim_wins(shm_name: str) -> None:
+    """The Dekker handshake's other side: the producer's snapshot missed a fresh lease, its
+    re-check after the fence finds it, and it leaves the slot alone."""
+    with one(shm_name, slots=3) as p, Reader(shm_name) as r:
+        fill(p, 1)
+        held = r.read(timeout=0)
+        assert held is not None
+        real_scan = p._scan
+        p._scan = lambda: (set(), -1)  # type: ignore[method-assign]  # a stale snapshot
+        try:
+            for i in range(2, 8):
+                fill(p, i)
+        finally:
+            p._scan = real_scan  # type: ignore[method-assign]
+        assert p.lease_skips >= 1
+        assert (held["img"] == 1).all()
+        held.release()

@@ -107,3 +107,30 @@ def test_demo_step_streams_the_scan_to_a_consumer(ioc_factory: Any, run_engine: 
     step(ctx)
     assert ctx.results["shm_frames"] == 9
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"bp.demo-{os.getpid()}")]
+
+
+def test_ntndarray_like_values_publish_their_pixels_and_unique_id(shm_name: str) -> None:
+    """What the PVA plugin's NTNDArray frames look like to the hook: ``.data`` + ``.unique_id``."""
+    from dataclasses import dataclass
+
+    from beampipe_shm import SignalFramePublisher
+
+    @dataclass
+    class NDFrame:
+        data: np.ndarray[Any, Any]
+        unique_id: int
+
+    class FakeSignal:  # only what the publisher touches: its name (no subscription here)
+        name = "pva-image"
+
+    with (
+        Producer(shm_name, [StreamSpec("image", "uint8", (4, 4))]) as p,
+        Reader(shm_name, mode="every", copy=True) as r,
+    ):
+        pub = SignalFramePublisher(FakeSignal(), p, skip_initial=False)  # type: ignore[arg-type]
+        pub._on_reading({"pva-image": {"value": NDFrame(np.full((4, 4), 9, np.uint8), 4242)}})
+        f = r.read(timeout=1)
+        assert f is not None
+        assert f.frame_id == 4242
+        assert (f["image"] == 9).all()
+        assert pub.published == 1

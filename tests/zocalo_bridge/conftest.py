@@ -224,6 +224,46 @@ class Backend:
     service_args: list[str]
     queues: Queues | None = None
 
+    def publish_raw(self, queue: str, body: bytes, headers: dict[str, Any] | None) -> None:
+        if self.queues is not None:
+            self.queues.publish_raw(queue, body, headers)
+            return
+        t = self.factory()
+        t.connect()
+        try:
+            t.raw_send(queue, body, headers=headers)
+        finally:
+            t.disconnect()
+
+    def drain(self, queue: str, n: int, timeout: float = 20) -> list[tuple[dict[str, Any], bytes]]:
+        """Take up to ``n`` messages (headers, raw body) off a queue."""
+        if self.queues is not None:
+            return [(p.headers or {}, b) for p, b in self.queues.get_all(queue, timeout, n)]
+        import queue as queue_mod
+
+        got: queue_mod.Queue[tuple[dict[str, Any], bytes]] = queue_mod.Queue()
+        t = self.factory()
+        t.connect()
+        out: list[tuple[dict[str, Any], bytes]] = []
+        try:
+            t.subscribe(
+                queue,
+                lambda h, m: got.put((dict(h), m)),
+                acknowledgement=True,
+                disable_mangling=True,
+            )
+            deadline = time.monotonic() + timeout
+            while len(out) < n and time.monotonic() < deadline:
+                try:
+                    h, m = got.get(timeout=max(0.01, deadline - time.monotonic()))
+                except queue_mod.Empty:
+                    break
+                t.ack(h)
+                out.append((h, m if isinstance(m, bytes) else str(m).encode()))
+        finally:
+            t.disconnect()
+        return out
+
     def wait_ready(self, queue: str, service: Service, ready_line: str) -> None:
         if self.queues is not None:
             wait_consumers(self.queues, queue, service=service)

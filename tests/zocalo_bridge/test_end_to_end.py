@@ -404,7 +404,16 @@ def test_frames_by_reference_through_a_shm_frame_stream(
         run_engine(ensure_connected(results))
         motor, cam = make_devices()
         readings: list[dict[str, Any]] = []
-        run_engine(scan([cam], motor, -2, 2, 5), {"all": [frames, cb]})  # frames first
+
+        def slow_scan() -> Any:
+            # The SHM ring keeps only the newest frames: give the services time per frame.
+            def per_step(detectors: Any, step: Any, pos_cache: Any) -> Any:
+                yield from bps.one_nd_step(detectors, step, pos_cache)
+                yield from bps.sleep(0.5)
+
+            yield from scan([cam], motor, -2, 2, 5, per_step=per_step)
+
+        run_engine(slow_scan(), {"all": [frames, cb]})  # frames published before triggers
         run_engine(count([results]), lambda n, d: readings.append(d) if n == "event" else None)
         assert frames.published == 5
         np.testing.assert_allclose(
@@ -415,4 +424,25 @@ def test_frames_by_reference_through_a_shm_frame_stream(
     finally:
         listener.close()
         sender.close()
+        producer.close()
+
+
+def test_shm_frame_source_finds_waits_for_or_dead_letters_a_frame() -> None:
+    shm = pytest.importorskip("beampipe_shm")
+    from beampipe_zocalo import FrameNotReady, MalformedMessage, ShmFrameSource
+
+    stream = f"bpzf{secrets.token_hex(4)}"
+    source = ShmFrameSource(wait=0.3)
+    with pytest.raises(FrameNotReady, match="no frame stream"):
+        source.get(stream, 1, "r", None)
+    producer = shm.Producer(stream, [shm.StreamSpec("cam", np.float64, (2, 3))], slots=4)
+    try:
+        for i in range(1, 6):
+            producer.publish({"cam": np.full((2, 3), float(i))}, frame_id=i, attrs={"run": "r"})
+        np.testing.assert_array_equal(source.get(stream, 5, "r", "cam"), np.full((2, 3), 5.0))
+        with pytest.raises(MalformedMessage, match="frame 1 of run r is no longer in stream"):
+            source.get(stream, 1, "r", None)
+        with pytest.raises(FrameNotReady, match="frame 9 of run r not in stream"):
+            source.get(stream, 9, "r", None)
+    finally:
         producer.close()

@@ -118,3 +118,19 @@ def test_nack_requeue_loop_is_bounded_by_the_queue(broker: Any, queues: Any) -> 
         assert 3 <= deliveries <= 4, deliveries
     finally:
         conn.close()
+
+
+def test_transactions_outside_subscriptions_still_work(transport: Any, queues: Any) -> None:
+    """The shared channel confirms; a transaction must not try to switch it to tx mode."""
+    q = queues("txn")
+    transport.ensure_queue(q)
+    txn = transport.transaction_begin()
+    transport.send(q, {"n": 1}, headers=go_headers(), transaction=txn)
+    transport.transaction_abort(txn)
+    txn = transport.transaction_begin()
+    transport.send(q, {"n": 2}, headers=go_headers(), transaction=txn)
+    transport.transaction_commit(txn)
+    transport.send(q, {"n": 3}, headers=go_headers())  # confirmed, outside the transaction
+    got = [json.loads(b)["n"] for _, b in queues.get_all(q, expect=2)]
+    assert got == [2, 3]
+    assert transport.is_connected()

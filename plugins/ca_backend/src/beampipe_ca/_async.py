@@ -77,7 +77,8 @@ class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
         chan = ctx.channel(pv)
         if not chan.connected.is_set() and await ctx.wait_connected_async([chan], timeout):
             raise NotConnectedError(f"ca://{pv}: not connected within {timeout:g} s")
-        return _value(await ctx.reads.get_async("aug", (pv, datatype, fmt), timeout), pv)
+        key = (pv, datatype, fmt)
+        return _value(await ctx.reads.get_async("aug", key, timeout, ctx.route(pv)), pv)
 
     async def _store_initial_value(self, pv: str, timeout: float) -> None:
         self.initial_values[pv] = await self._read(pv, None, FORMAT_CTRL, timeout)

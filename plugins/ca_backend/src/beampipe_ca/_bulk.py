@@ -241,7 +241,8 @@ def caget(name: str, timeout: float = 5.0) -> Reading:
     chan = ctx.channel(name)
     if not chan.connected.is_set() and not chan.connected.wait(timeout - _read_reserve(timeout)):
         raise CaTimeoutError(_not_connected(name, timeout).reason)
-    return _raise(ctx.reads.get("time", name, max(1e-3, deadline - time.monotonic())), name)
+    left = max(1e-3, deadline - time.monotonic())
+    return _raise(ctx.reads.get("time", name, left, ctx.route(name)), name)
 
 
 async def caget_async(name: str, timeout: float = 5.0) -> Reading:
@@ -253,4 +254,4 @@ async def caget_async(name: str, timeout: float = 5.0) -> Reading:
     if await ctx.wait_connected_async([chan], timeout - _read_reserve(timeout)):
         raise CaTimeoutError(_not_connected(name, timeout).reason)
     left = max(1e-3, deadline - time.monotonic())
-    return _raise(await ctx.reads.get_async("time", name, left), name)
+    return _raise(await ctx.reads.get_async("time", name, left, ctx.route(name)), name)

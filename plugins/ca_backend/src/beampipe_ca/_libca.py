@@ -255,12 +255,16 @@ class ForeignChannel(Channel):
     __slots__ = ("lib",)
 
     def __init__(self, key: str, chid: int, lib: ctypes.CDLL) -> None:
-        # Not Channel.__init__: type, count and generation are live properties here.
-        self.name, self.host, self.lib = key, "", lib
+        # Not Channel.__init__: type, count, host and generation are live properties here.
+        self.name, self.lib = key, lib
         self.listeners = []
         self._waiters = []
         self.chid = self._as_parameter_ = chid
         self.connected = _LiveConnected(lib, chid)  # type: ignore[assignment]
+
+    @property
+    def host(self) -> str:  # type: ignore[override]
+        return (self.lib.ca_host_name(self.chid) or b"").decode(errors="replace")
 
     @property
     def up(self) -> bool:  # type: ignore[override]
@@ -410,9 +414,24 @@ class _Context:
         return key
 
     def forget(self, name: str, chid: int) -> None:
-        """Drop an adopted channel (before its owner clears the chid)."""
+        """Drop an adopted channel before its owner clears the chid.
+
+        libca drops the callbacks of requests still in flight on a cleared
+        channel, so their batches would never complete and would hold their
+        route until every waiter timed out: fail those keys here instead.
+        """
+        key = _adopted_key(name, chid)
         with self._lock:
-            self._channels.pop(_adopted_key(name, chid), None)
+            self._channels.pop(key, None)
+        for state in list(self._gets.values()):
+            for k in state.keys:
+                if (k if isinstance(k, str) else k[0]) == key and k not in state.results:
+                    state.settle(k, Failed(f"{name}: channel released while being read"))
+
+    def route(self, name: str) -> Hashable:
+        """What shares a wire batch: the server the channel is connected to (one circuit)."""
+        chan = self._channels.get(name)
+        return chan.host if chan is not None and chan.up else None
 
     def _create(self, name: str) -> Channel:
         chan = Channel(name)

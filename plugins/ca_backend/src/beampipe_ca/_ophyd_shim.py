@@ -141,7 +141,9 @@ def fetch_metadata(pvs: Iterable[Any], timeout: float) -> list[dict[str, Any] | 
     pvs = list(pvs)
     pairs = [_time_ctrl_keys(pv) for pv in pvs]
     flat = [k for pair in pairs if pair is not None for k in pair]
-    results = ca_context().reads.get_many("aug", flat, timeout) if flat else {}
+    ctx = ca_context()
+    results = ctx.reads.get_many("aug", flat, timeout, route=lambda k: ctx.route(k[0]))
+
     out: list[dict[str, Any] | str] = []
     for pv, pair in zip(pvs, pairs, strict=True):
         if pair is None:
@@ -153,7 +155,10 @@ def fetch_metadata(pvs: Iterable[Any], timeout: float) -> list[dict[str, Any] | 
         else:
             bad = tval if isinstance(tval, Failed) else cval
             assert isinstance(bad, Failed)
-            out.append(bad.reason.replace(pair[0][0], pv.pvname))
+            reason = bad.reason
+            for key in pair:  # the Coalescer names the key: say the PV instead
+                reason = reason.replace(str(key), pv.pvname).replace(key[0], pv.pvname)
+            out.append(reason)
     return out
 
 

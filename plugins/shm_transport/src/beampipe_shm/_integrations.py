@@ -5,8 +5,10 @@ Two entry points, because frames reach Python two ways:
 * ``SignalFramePublisher`` subscribes to any ophyd-async array signal (an
   NTNDArray monitor from the PVA plugin, an areaDetector ArrayData waveform, a
   soft signal) and publishes every update as a frame, with the signal's
-  timestamp.  It runs in the signal's callback, so frames go out as they arrive,
-  whether or not a plan is reading the detector.
+  timestamp.  A value that is a frame object with an ndarray ``.data`` (such as
+  an NTNDArray decoded to a frame) contributes that array, and its integer
+  ``unique_id`` becomes the frame id.  It runs in the signal's callback, so
+  frames go out as they arrive, whether or not a plan is reading the detector.
 * ``FrameCallback`` is a RunEngine document callback: every event (and event
   page) that carries an array for its key becomes a frame, numbered by the
   event's ``seq_num`` and tagged with the run uid, so a live consumer sees
@@ -34,6 +36,14 @@ if TYPE_CHECKING:
 __all__ = ["FrameCallback", "SignalFramePublisher", "publish_signal"]
 
 log = logging.getLogger("beampipe_shm")
+
+
+def _pixels(value: Any) -> np.ndarray[Any, Any]:
+    """The array in a signal value: the value itself, or an NTNDArray-like frame's ``.data``."""
+    if isinstance(value, np.ndarray):
+        return value
+    data = getattr(value, "data", None)
+    return np.asarray(data if isinstance(data, np.ndarray) else value)
 
 
 class SignalFramePublisher:
@@ -79,9 +89,11 @@ class SignalFramePublisher:
             return
         try:
             reading = readings[self.signal.name]
-            value = np.asarray(reading["value"])
+            value = reading["value"]
+            uid = getattr(value, "unique_id", None)
             self.producer.publish(
-                {self.stream: value},
+                {self.stream: _pixels(value)},
+                frame_id=uid if isinstance(uid, int) else None,
                 timestamp=float(reading.get("timestamp", 0.0)) or None,
                 attrs=self.attrs or None,
             )
@@ -127,7 +139,7 @@ async def publish_signal(
     The stream has one array named after the signal.  Returns the producer (close
     it when done) and the started publisher (``stop()`` it first).
     """
-    value = np.asarray(await signal.get_value())
+    value = _pixels(await signal.get_value())
     if value.dtype.hasobject or value.ndim == 0:
         raise ValueError(f"signal {signal.name!r} does not hold a numeric array: {value!r}")
     stream = signal.name or "data"

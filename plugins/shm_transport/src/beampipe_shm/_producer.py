@@ -154,64 +154,70 @@ class Producer:
         except BaseException:
             self._discard()
             raise
-        self._words = memoryview(self._mm).cast("Q")
-        self._f64 = memoryview(self._mm).cast("d")
-        w = self._words
-        w[L.H_MAGIC] = L.MAGIC
-        w[L.H_VERSION] = L.VERSION
-        self.generation = max(time.time_ns(), prev_generation + 1)
-        w[L.H_GENERATION] = self.generation
-        w[L.H_PID] = os.getpid()
-        w[L.H_N_SLOTS] = slots
-        w[L.H_SLOT_STRIDE] = g.slot_stride
-        w[L.H_SLOTS_OFF] = g.slots_off
-        w[L.H_MAX_READERS] = max_readers
-        w[L.H_RECORD_STRIDE] = g.record_stride
-        w[L.H_RECORDS_OFF] = g.records_off
-        w[L.H_SCHEMA_OFF] = g.schema_off
-        w[L.H_SCHEMA_LEN] = len(blob)
-        w[L.H_CREATED_NS] = time.time_ns()
-        w[L.H_TOTAL] = g.total
-        self._mm[g.schema_off : g.schema_off + len(blob)] = blob
-        # numpy views built once: per frame only the slot index changes
-        self._slot_base = [g.slots_off + k * g.slot_stride for k in range(slots)]
-        self._slot_word = [b // 8 for b in self._slot_base]
-        self._views: list[dict[str, np.ndarray[Any, Any]]] = []
-        for base in self._slot_base:
-            views = {}
-            for spec, off in zip(self.schema.streams, g.stream_offsets, strict=True):
-                count = int(np.prod(spec.shape, dtype=np.int64))
-                arr = np.frombuffer(self._mm, spec.dtype, count, base + off).reshape(spec.shape)
-                views[spec.name] = arr
-            self._views.append(views)
-        self._scratch = {
-            s.name: np.empty(s.shape, s.dtype) for s in self.schema.streams
-        }  # where a dropped frame is written
-        rec0 = g.records_off
-        rs = g.record_stride
-        self._rec_word = [(rec0 + i * rs) // 8 for i in range(max_readers)]
-        self._rec_waiting = [rw + L.R_WAITING for rw in self._rec_word]
-        self._leases = np.ndarray(
-            (max_readers, slots), np.uint64, self._mm, rec0 + L.R_LEASES * 8, (rs, 8)
-        )
-        self._slot_seq = [0] * slots  # frame seq last written per slot (0 = never)
-        self._all_slots = list(range(slots))
-        self._variable = [
-            (i, s.name, s.shape[0]) for i, s in enumerate(self.schema.streams) if s.variable
-        ]
-        self._seq = 0
-        self._latest_k = -1
-        self._open: WritableFrame | None = None
-        self._last_ns = 0
-        self._rate = 0.0
-        self._next_reclaim = 0
         self._notify_addr = int(np.frombuffer(self._mm, np.uint8).ctypes.data) + L.NOTIFY_OFFSET
-        self.dropped = 0
-        self.lease_skips = 0
-        self._closed = False
+        # from here on the segment is removed however the producer goes: close(), garbage
+        # collection, interpreter exit, or an error in the rest of this constructor
         self._finalizer = weakref.finalize(
             self, Producer._shutdown, self.path, self._fd, self._mm, self._notify_addr
         )
+        try:
+            self._words = memoryview(self._mm).cast("Q")
+            self._f64 = memoryview(self._mm).cast("d")
+            w = self._words
+            w[L.H_MAGIC] = L.MAGIC
+            w[L.H_VERSION] = L.VERSION
+            self.generation = max(time.time_ns(), prev_generation + 1)
+            w[L.H_GENERATION] = self.generation
+            w[L.H_PID] = os.getpid()
+            w[L.H_N_SLOTS] = slots
+            w[L.H_SLOT_STRIDE] = g.slot_stride
+            w[L.H_SLOTS_OFF] = g.slots_off
+            w[L.H_MAX_READERS] = max_readers
+            w[L.H_RECORD_STRIDE] = g.record_stride
+            w[L.H_RECORDS_OFF] = g.records_off
+            w[L.H_SCHEMA_OFF] = g.schema_off
+            w[L.H_SCHEMA_LEN] = len(blob)
+            w[L.H_CREATED_NS] = time.time_ns()
+            w[L.H_TOTAL] = g.total
+            self._mm[g.schema_off : g.schema_off + len(blob)] = blob
+            # numpy views built once: per frame only the slot index changes
+            self._slot_base = [g.slots_off + k * g.slot_stride for k in range(slots)]
+            self._slot_word = [b // 8 for b in self._slot_base]
+            self._views: list[dict[str, np.ndarray[Any, Any]]] = []
+            for base in self._slot_base:
+                views = {}
+                for spec, off in zip(self.schema.streams, g.stream_offsets, strict=True):
+                    count = int(np.prod(spec.shape, dtype=np.int64))
+                    arr = np.frombuffer(self._mm, spec.dtype, count, base + off).reshape(spec.shape)
+                    views[spec.name] = arr
+                self._views.append(views)
+            self._scratch = {
+                s.name: np.empty(s.shape, s.dtype) for s in self.schema.streams
+            }  # where a dropped frame is written
+            rec0 = g.records_off
+            rs = g.record_stride
+            self._rec_word = [(rec0 + i * rs) // 8 for i in range(max_readers)]
+            self._rec_waiting = [rw + L.R_WAITING for rw in self._rec_word]
+            self._leases = np.ndarray(
+                (max_readers, slots), np.uint64, self._mm, rec0 + L.R_LEASES * 8, (rs, 8)
+            )
+            self._slot_seq = [0] * slots  # frame seq last written per slot (0 = never)
+            self._all_slots = list(range(slots))
+            self._variable = [
+                (i, s.name, s.shape[0]) for i, s in enumerate(self.schema.streams) if s.variable
+            ]
+            self._seq = 0
+            self._latest_k = -1
+            self._open: WritableFrame | None = None
+            self._last_ns = 0
+            self._rate = 0.0
+            self._next_reclaim = 0
+            self.dropped = 0
+            self.lease_skips = 0
+            self._closed = False
+        except BaseException:
+            self._finalizer()
+            raise
         store_fence()
         w[L.H_STATE] = L.STATE_LIVE
         log.debug("stream %r: created %s (%d bytes)", name, self.path, g.total)
@@ -227,6 +233,7 @@ class Producer:
                 prev = max(prev, self._clean_stale())
                 continue
             if try_lock(fd, L.LOCK_PRODUCER):
+                os.fchmod(fd, mode)  # exactly what was asked, whatever the umask
                 self._fd = fd
                 return prev
             os.close(fd)  # a cleaner judged our empty file stale and is removing it: retry

@@ -35,6 +35,7 @@ log = logging.getLogger("beampipe_shm")
 
 _LIVENESS_EVERY = 0.1  # s between producer-liveness checks while idle
 _WRAP = 0xFFFFFFFF
+_LEASE_COPY_BYTES = 256 * 1024
 
 
 def _i64(v: int) -> int:
@@ -354,6 +355,8 @@ class Reader:
     def _build_specs(self, att: _Attachment) -> None:
         g = att.seg.geometry
         self._has_variable = any(s.variable for s in self.schema.streams)
+        # copies of big frames take a lease for the copy's duration (no wasted retries)
+        self._lease_copies = g.slot_stride >= _LEASE_COPY_BYTES
         pairs = zip(self.schema.streams, g.stream_offsets, strict=True)
         self._layout = [(i, spec, off) for i, (spec, off) in enumerate(pairs)]
         # per slot, per stream: the __array_interface__ of fixed-shape streams never changes
@@ -573,6 +576,16 @@ class Reader:
         words = att.seg.words
         sw = att.slot_word[k]
         if self.copy or out is not None:
+            if self._lease_copies and self._n_leases < self.max_leases:
+                # a long copy: hold the slot instead of betting the producer stays away
+                with self._lock:
+                    if not self._lease_slot(att, k, s):
+                        return None
+                    lease = _Lease(self, att, k)
+                try:
+                    return self._build(att, k, n, missed, None, out)
+                finally:
+                    lease.release()
             load_fence()
             f = self._build(att, k, n, missed, None, out)
             load_fence()  # the copies before the re-check of the sequence
@@ -588,19 +601,28 @@ class Reader:
                     "frames; release() them (or use `with frame:`), raise max_leases, or read "
                     "with copy=True"
                 )
-            if att.refs[k] == 0:
-                att.rw[L.R_LEASES + k] = s
-                fence()  # our lease before we re-read the sequence (Dekker with Producer._claim)
-                if words[sw] != s:
-                    att.rw[L.R_LEASES + k] = 0
-                    self.stats.torn += 1
-                    return None
-            elif words[sw] != s:  # we lease this slot already, so it cannot have changed
+            if not self._lease_slot(att, k, s):
                 return None
-            att.refs[k] += 1
-            self._n_leases += 1
             lease = _Lease(self, att, k)
         return self._build(att, k, n, missed, lease)
+
+    def _lease_slot(self, att: _Attachment, k: int, s: int) -> bool:
+        """Protect slot k while it holds sequence s; False if the producer got there first."""
+        words = att.seg.words
+        sw = att.slot_word[k]
+        if att.refs[k] == 0:
+            att.rw[L.R_LEASES + k] = s
+            fence()  # our lease before we re-read the sequence (Dekker with Producer._claim)
+            if words[sw] != s:
+                att.rw[L.R_LEASES + k] = 0
+                self.stats.torn += 1
+                att.rw[L.R_TORN] = self.stats.torn
+                return False
+        elif words[sw] != s:  # we lease this slot already, so it cannot have changed
+            return False
+        att.refs[k] += 1
+        self._n_leases += 1
+        return True
 
     def _build(
         self,

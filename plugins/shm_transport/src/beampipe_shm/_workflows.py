@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import heapq
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from ._workflows_store import (
     remove_store,
     split_name,
     store_path,
+    take,
     validate_name,
 )
 
@@ -107,9 +109,9 @@ class _Inotify:
     def unwatch(self, wd: int) -> None:
         self._rm(self.fd, wd)
 
-    def read(self) -> set[int] | None:
-        """Watch descriptors that saw an event; None if the kernel queue overflowed."""
-        fired: set[int] = set()
+    def read(self) -> dict[int, list[str]] | None:
+        """New file names per watch descriptor, in arrival order; None if events were lost."""
+        fired: dict[int, list[str]] = {}
         while True:
             try:
                 data = os.read(self.fd, 65536)
@@ -118,10 +120,12 @@ class _Inotify:
             pos = 0
             while pos + _EVENT.size <= len(data):
                 wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
-                pos += _EVENT.size + length
+                start = pos + _EVENT.size
+                pos = start + length
                 if mask & _IN_Q_OVERFLOW:
                     return None
-                fired.add(wd)
+                name = data[start:pos].rstrip(b"\0").decode()
+                fired.setdefault(wd, []).append(name)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -153,7 +157,7 @@ class _Sub:
     inflight: dict[int, _Held] = field(default_factory=dict)
     candidates: deque[str] = field(default_factory=deque)
     dirty: bool = True
-    wake_at: int | None = None  # ns: a delayed message becomes due
+    delayed: list[tuple[int, str]] = field(default_factory=list)  # heap of (due ns, name)
     last_scan: float = 0.0
 
 
@@ -775,13 +779,23 @@ class ShmTransport(CommonTransport):
                 os.unlink(path)
             return
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            msg = decode(path)
         except FileNotFoundError:
             return
-        hlen = struct.unpack_from("<I", data, 4)[0]
-        start = 8 + hlen
-        meta = json.loads(data[8:start])
+        self._dead_letter_message(queue, reason, msg.meta, msg.body)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def _dead_letter_message(
+        self, queue: str, reason: str, meta: dict[str, Any], body: Any
+    ) -> None:
+        store = self._store
+        assert store is not None
+        dlq = self._policy(queue).dead_letter_queue
+        if dlq is None:
+            self._dropped += 1
+            log.warning("message from %r dropped (%s): no dead-letter queue", queue, reason)
+            return
         headers = meta["h"]
         deaths = headers.setdefault("x-death", [])
         for death in deaths:
@@ -806,7 +820,7 @@ class ShmTransport(CommonTransport):
         headers.setdefault("x-first-death-reason", reason)
         array = meta.get("a")
         parts = encode(
-            memoryview(data)[start:],
+            body if isinstance(body, bytes) else memoryview(body),
             headers=headers,
             exchange="",
             routing_key=dlq,
@@ -815,8 +829,20 @@ class ShmTransport(CommonTransport):
         )
         tmp = store.stage(self._cid, parts, f"dead-letter queue {dlq!r}")
         store.publish(tmp, dlq, next_name())
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+
+    def _put_back(
+        self, store: Store, queue: str, name: str, meta: dict[str, Any], body: Any
+    ) -> None:
+        array = meta.get("a")
+        parts = encode(
+            body if isinstance(body, bytes) else memoryview(body),
+            headers=meta["h"],
+            exchange=meta["x"],
+            routing_key=meta["r"],
+            expires=meta.get("e"),
+            array=(array[0], tuple(array[1])) if array else None,
+        )
+        store.publish(store.stage(self._cid, parts, repr(queue)), queue, name)
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -994,9 +1020,10 @@ class ShmTransport(CommonTransport):
                 fired = inotify.read()
                 for sub in subs if fired is None else []:
                     sub.dirty = True
-                for wd in fired or ():
+                for wd, names in (fired or {}).items():
                     for sub in by_wd.get(wd, ()):
-                        sub.dirty = True
+                        if not sub.dirty:  # a pending full rescan will see them anyway
+                            sub.candidates.extend(names)
                 busy = False
                 for sub in subs:
                     if self._stopping:
@@ -1015,14 +1042,15 @@ class ShmTransport(CommonTransport):
         now_ns = time.time_ns()
         with self._lock:
             for sub in self._subs.values():
-                if sub.wake_at is not None:
-                    until = min(until, (sub.wake_at - now_ns) / 1e9)
+                if sub.delayed:
+                    until = min(until, (sub.delayed[0][0] - now_ns) / 1e9)
         return max(0, int(until * 1000) + 1)
 
     def _next_candidate(self, sub: _Sub, store: Store) -> str | None:
+        """The next message name to try to claim: from inotify, or a directory scan."""
         now = time.time_ns()
-        if sub.wake_at is not None and now >= sub.wake_at:
-            sub.wake_at, sub.dirty = None, True
+        while sub.delayed and sub.delayed[0][0] <= now:
+            sub.candidates.appendleft(heapq.heappop(sub.delayed)[1])
         if not sub.candidates:
             if not sub.dirty and time.monotonic() - sub.last_scan < _RESCAN:
                 return None
@@ -1032,16 +1060,16 @@ class ShmTransport(CommonTransport):
             except FileNotFoundError:
                 return None
             names.sort()
+            sub.delayed.clear()
             sub.candidates.extend(names)
-            if not names:
-                return None
-        name = sub.candidates[0]
-        if due_ns(name) > now:  # delayed: everything after it is later still
-            sub.wake_at = due_ns(name)
-            sub.candidates.clear()
-            return None
-        sub.candidates.popleft()
-        return name
+        while sub.candidates:
+            name = sub.candidates.popleft()
+            due = due_ns(name)
+            if due > now:  # delayed: park it until it is due
+                heapq.heappush(sub.delayed, (due, name))
+                continue
+            return name
+        return None
 
     def _deliver(self, sub: _Sub) -> bool:
         """Deliver up to a batch from ``sub``'s queue; True if more may be waiting."""
@@ -1059,21 +1087,29 @@ class ShmTransport(CommonTransport):
             src = f"{store.ready(sub.queue)}/{name}"
             path = f"{sub.held_dir}/{name}"
             try:
-                os.rename(src, path)  # the claim: one competing consumer wins
-            except FileNotFoundError:
-                continue
-            try:
-                msg = decode(path)
+                if sub.ack:
+                    try:
+                        os.rename(src, path)  # the claim: one competing consumer wins
+                    except FileNotFoundError:
+                        continue
+                    msg = decode(path)
+                else:
+                    taken = take(src)  # the claim without acknowledgement: unlink wins
+                    if taken is None:
+                        continue
+                    msg = taken
             except (OSError, ValueError, ShmStoreError):
-                log.exception("unreadable message %s in %r dead-lettered", name, sub.queue)
-                self._dead_letter(path, sub.queue, "rejected")
+                log.exception("unreadable message %s in %r dropped", name, sub.queue)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
                 continue
             expires = msg.meta.get("e")
             if expires is not None and expires < time.time():
+                if sub.ack:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
                 if sub.kind == "queue":
-                    self._dead_letter(path, sub.queue, "expired")
-                else:
-                    os.unlink(path)
+                    self._dead_letter_message(sub.queue, "expired", msg.meta, msg.body)
                 continue
             _, returns = split_name(name)
             headers = dict(msg.meta["h"])
@@ -1081,14 +1117,15 @@ class ShmTransport(CommonTransport):
                 headers["x-delivery-count"] = returns
             with self._lock:
                 if not sub.active:  # unsubscribed meanwhile: not delivered, so not counted
-                    os.rename(path, src)
+                    if sub.ack:
+                        os.rename(path, src)
+                    else:
+                        self._put_back(store, sub.queue, name, msg.meta, msg.body)
                     return False
                 tag = sub.next_tag
                 sub.next_tag += 1
                 if sub.ack:
                     sub.inflight[tag] = _Held(path, sub.queue, name)
-            if not sub.ack:
-                os.unlink(path)
             headers.update(
                 {
                     "consumer_tag": str(sub.sid),

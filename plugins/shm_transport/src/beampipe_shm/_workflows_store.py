@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,8 +60,16 @@ _ALIGN = 64  # numpy bodies start 64-byte aligned so a mapped array is SIMD frie
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _MAX_NAME = 200
 _seq = itertools.count()
-_clock_lock = threading.Lock()
 _last_due = 0
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class ShmStoreError(Exception):
@@ -97,11 +104,11 @@ def next_name(delay: float | None = None, returns: int = 0) -> str:
     due = time.time_ns()
     if delay:
         due += int(delay * 1e9)
-    else:
-        with _clock_lock:  # keep FIFO per producer even if the wall clock steps back
-            due = max(due, _last_due + 1)
-            _last_due = due
-    return f"{due:020d}.{os.getpid()}.{next(_seq)}~{returns}"
+    elif due <= _last_due:  # keep FIFO per producer even if the wall clock steps back
+        due = _last_due + 1
+    if not delay:
+        _last_due = due
+    return f"{due:020d}.{_pid}.{next(_seq)}~{returns}"
 
 
 def split_name(name: str) -> tuple[str, int]:
@@ -138,7 +145,7 @@ def encode(
     expires: float | None,
     array: tuple[str, tuple[int, ...]] | None = None,
 ) -> list[bytes | memoryview]:
-    meta: dict[str, Any] = {"h": headers, "x": exchange, "r": routing_key, "ts": time.time()}
+    meta: dict[str, Any] = {"h": headers, "x": exchange, "r": routing_key}
     if expires is not None:
         meta["e"] = expires
     if array is not None:
@@ -152,41 +159,67 @@ def encode(
     if array is not None:
         pad = -(_PREFIX.size + len(raw)) % _ALIGN
         raw += b" " * pad
-    return [_PREFIX.pack(MAGIC, len(raw)) + raw, body]
+    head = _PREFIX.pack(MAGIC, len(raw)) + raw
+    if isinstance(body, bytes) and len(body) < 65536:
+        return [head + body]  # one write() for the common small message
+    return [head, memoryview(body).cast("B")]
 
 
 def decode(path: str) -> Message:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        head = os.read(fd, min(size, 65536))
-        magic, hlen = _PREFIX.unpack_from(head)
-        if magic != MAGIC:
-            raise ShmStoreError(f"{path} is not a beampipe workflows message")
-        start = _PREFIX.size + hlen
-        if start > len(head):
-            head += os.pread(fd, start - len(head), len(head))
-        meta = json.loads(head[_PREFIX.size : start])
-        if "a" in meta:
-            import mmap
-
-            import numpy as np
-
-            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-            dtype, shape = meta["a"]
-            arr = np.frombuffer(mm, dtype=np.dtype(dtype), offset=start).reshape(shape)
-            return Message(meta, arr)
-        body = head[start:]
-        if len(head) < size:
-            body += os.pread(fd, size - len(head), len(head))
-        return Message(meta, body)
+        return _decode_fd(fd, path)
     finally:
         os.close(fd)
 
 
+def take(path: str) -> Message | None:
+    """Claim-and-read without acknowledgement: whoever unlinks the file owns the message."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return None  # a competing consumer took it between our open and unlink
+        return _decode_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _decode_fd(fd: int, path: str) -> Message:
+    head = os.read(fd, 65536)
+    size = len(head) if len(head) < 65536 else os.fstat(fd).st_size
+    magic, hlen = _PREFIX.unpack_from(head)
+    if magic != MAGIC:
+        raise ShmStoreError(f"{path} is not a beampipe workflows message")
+    start = _PREFIX.size + hlen
+    if start > len(head):
+        head += os.pread(fd, start - len(head), len(head))
+    meta = json.loads(head[_PREFIX.size : start])
+    if "a" in meta:
+        import mmap
+
+        import numpy as np
+
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        dtype, shape = meta["a"]
+        arr = np.frombuffer(mm, dtype=np.dtype(dtype), offset=start).reshape(shape)
+        return Message(meta, arr)
+    body = head[start:]
+    if len(head) < size:
+        body += os.pread(fd, size - len(head), len(head))
+    return Message(meta, body)
+
+
 def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
     for part in parts:
-        view = memoryview(part).cast("B")
+        n = os.write(fd, part)
+        if n == len(part):
+            continue
+        view = memoryview(part).cast("B")[n:]
         while view:
             n = os.write(fd, view)
             view = view[n:]
@@ -263,7 +296,7 @@ class Store:
 
     def stage(self, owner: str, parts: list[bytes | memoryview], what: str) -> str:
         """Write a message to tmp/ (not yet visible to anyone) and return its path."""
-        size = sum(len(memoryview(p).cast("B")) for p in parts)
+        size = sum(len(p) for p in parts)
         self.check_space(size, what)
         tmp = f"{self.tmp}/{owner}.{next(_seq)}"
         try:

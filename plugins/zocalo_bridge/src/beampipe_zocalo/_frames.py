@@ -5,7 +5,12 @@ shared-memory stream (``beampipe_shm.FrameCallback``: frame id = event
 ``seq_num``, attrs carry the run uid) and the trigger carries only
 ``frame_stream``/``frame_id``/``run_uid``; ``BeampipeFrameAnalysis`` copies the
 frame out of the ring.  A frame the ring has already overwritten is a clear
-dead letter ("increase slots"), a frame not yet published is waited for.
+dead letter, a frame not yet published is waited for.
+
+The beampipe_shm ring keeps the newest frames only (its slots exist for
+concurrent leases, not for history), so this works while analysis keeps up with
+acquisition; a burst faster than the services dead-letters the frames it lost.
+Send the arrays themselves (``frame``) when every frame must be analysed.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ class ShmFrameSource:
                 if run == run_uid and frame.frame_id > frame_id:
                     raise MalformedMessage(
                         f"frame {frame_id} of run {run_uid} is no longer in stream {stream!r} "
-                        f"(ring already at frame {frame.frame_id}): give the producer more slots"
+                        f"(the ring holds frame {frame.frame_id} now): analysis fell behind "
+                        "acquisition; send the frames themselves if none may be lost"
                     )
             raise FrameNotReady(
                 f"frame {frame_id} of run {run_uid} not in stream {stream!r} after "

@@ -19,6 +19,7 @@ run unchanged on a workstation and across hosts.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -347,7 +348,15 @@ class BeampipeDispatcher(_BridgeService, Dispatcher):
             except LookupError as exc:
                 raise MalformedMessage(str(exc)) from None
             self._known_queues.add(queue)
-        Dispatcher.process(self, rw, header, message)
+        try:
+            Dispatcher.process(self, rw, header, message)
+        except Exception:
+            # Dispatcher.process acks and sends inside a transaction; if it failed half
+            # way, roll back so the guard's nack (outside any transaction) is allowed.
+            for txn in list(getattr(self._transport, "_CommonTransport__transactions", ())):
+                with contextlib.suppress(Exception):
+                    self._transport.transaction_abort(txn)
+            raise
 
 
 class BeampipeFrameAnalysis(_BridgeService):

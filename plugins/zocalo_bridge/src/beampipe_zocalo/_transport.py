@@ -99,6 +99,39 @@ class _GuardedPikaThread(_pt._PikaThread):
         self._register_future_and_callback(future, _send)
         return future
 
+    def tx_select(self, transaction_id: int, subscription_id: int | None) -> Future[None]:
+        if subscription_id:
+            return super().tx_select(transaction_id, subscription_id)
+        # The shared channel is in confirm mode, which AMQP cannot switch to tx mode:
+        # transactions not tied to a subscription get a channel of their own.
+        if not self._connection:
+            raise RuntimeError("Cannot transact on unstarted connection")
+        future: Future[None] = Future()
+
+        def _tx_select() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                channel = getattr(self, "_tx_channel", None)
+                if channel is None or not channel.is_open:
+                    assert self._connection is not None
+                    channel = self._tx_channel = self._connection.channel()
+                if channel in self._transaction_on_channel:
+                    raise KeyError(
+                        f"a transaction ({self._transaction_on_channel[channel]}) is already "
+                        f"open outside subscriptions; cannot start {transaction_id}"
+                    )
+                channel.tx_select()
+                self._transaction_on_channel[channel] = transaction_id
+                self._channel_has_active_tx.setdefault(channel, False)
+                self._channel_is_transactional[channel] = True
+                future.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - to the caller, not the pika thread
+                future.set_exception(e)
+
+        self._register_future_and_callback(future, _tx_select)
+        return future
+
     def call(self, fn: Callable[[pika.BlockingConnection], T]) -> Future[T]:
         """Run ``fn(connection)`` on the pika thread; its errors go to the future only."""
         if not self._connection:
