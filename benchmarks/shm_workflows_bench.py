@@ -263,7 +263,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {k: {} for k in kinds}
     try:
         for kind in kinds:
-            n = 5000 if kind == "shm" else 2000
+            n = 20000 if kind == "shm" else 2000
             results[kind]["msgs/s 1 proc"] = statistics.median(
                 throughput(kind, n, False) for _ in range(REPEATS)
             )

@@ -65,6 +65,8 @@ class Batch(Generic[K]):
     op: str
     route: Hashable
     keys: tuple[K, ...]
+    #: The latest deadline among the batch's callers: the I/O layer need not wait past it.
+    deadline: float
 
 
 class Delivery(NamedTuple, Generic[V]):
@@ -181,20 +183,24 @@ class Planner(Generic[K, V]):
         tickets = self._pending[group]
         waiting: dict[K, list[Ticket]] = {}
         taken = 0
+        latest = float("-inf")
         for ticket in tickets:
-            key = self._requests[ticket].key
+            req = self._requests[ticket]
+            key = req.key
             if key not in waiting:
                 if len(waiting) == self.max_batch:
                     break
                 waiting[key] = []
             waiting[key].append(ticket)
+            if req.deadline > latest:
+                latest = req.deadline
             taken += 1
         rest = tickets[taken:]
         if rest:
             self._pending[group] = rest
         else:
             del self._pending[group]
-        batch = Batch(self._next_batch, group[0], group[1], tuple(waiting))
+        batch = Batch(self._next_batch, group[0], group[1], tuple(waiting), latest)
         self._next_batch += 1
         for ticket_list in waiting.values():
             for ticket in ticket_list:

@@ -191,3 +191,13 @@ def test_request_many_is_request_in_bulk() -> None:
         p.request_many("read", [["x"]], deadline=10, route=lambda k: None)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="op"):
         p.request_many("", ["A"], deadline=10, route=lambda k: None)
+
+
+def test_batch_carries_the_latest_deadline_of_its_callers() -> None:
+    p: Planner[str, int] = Planner(max_batch=2, max_in_flight=5)
+    p.request("read", "A", deadline=3.0)
+    p.request("read", "B", deadline=7.0)
+    p.request("read", "C", deadline=9.0)  # spills into a second batch
+    first, second = p.plan()
+    assert (first.keys, first.deadline) == (("A", "B"), 7.0)
+    assert (second.keys, second.deadline) == (("C",), 9.0)

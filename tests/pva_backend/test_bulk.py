@@ -12,11 +12,7 @@ import pytest
 import beampipe_pva
 from beampipe_pva import NDArrayFrame
 
-from .conftest import IMAGE, PvaServer
-
-# This plugin never touches /dev/shm; the shm guard is machine-wide and, while the SHM plugin's
-# tests run in parallel on the same machine, it sees their bp.* segments come and go.
-pytestmark = pytest.mark.allow_leaks("shm")
+from .conftest import IMAGE, PvaServer, require_codec
 
 
 def test_bulk_get_scalars_from_qsrv(ioc) -> None:
@@ -121,6 +117,7 @@ def test_nt_types_from_p4p_server(pva_server: PvaServer) -> None:
 
 @pytest.mark.parametrize("codec", ["lz4", "bslz4", "blosc"])
 def test_compressed_ndarray(pva_server: PvaServer, codec: str) -> None:
+    require_codec(codec)
     name = pva_server.pv(f"image_{codec}")
     frame = beampipe_pva.bulk_get([name])[name]
     assert frame.codec == codec

@@ -9,8 +9,6 @@ import pytest
 
 from beampipe.demo import DEMO_DB, DemoContext
 
-pytestmark = pytest.mark.allow_leaks("shm")  # see test_bulk.py: the shm guard is machine-wide
-
 
 def test_demo_step_reads_image_and_table(ioc_factory: Any) -> None:
     (entry,) = [

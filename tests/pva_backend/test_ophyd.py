@@ -11,10 +11,6 @@ import pytest
 import beampipe
 from beampipe_pva import _ophyd
 
-# This plugin never touches /dev/shm; the shm guard is machine-wide and, while the SHM plugin's
-# tests run in parallel on the same machine, it sees their bp.* segments come and go.
-pytestmark = pytest.mark.allow_leaks("shm")
-
 
 @pytest.fixture
 def ophyd() -> Iterator[Any]:
@@ -104,9 +100,6 @@ def test_ca_names_are_refused(ophyd: Any) -> None:
         _ophyd.get_pv("ca://X:y")
 
 
-# The RunEngine starts bluesky's process-wide event-loop thread "bluesky-run-engine" on first
-# use; it is not ours to stop (the lead is asked to list it in beampipe_allowed_threads).
-@pytest.mark.allow_leaks("threads")
 def test_bluesky_count_over_pva(ophyd: Any, ioc: Any) -> None:
     from bluesky import RunEngine
     from bluesky.plans import count

@@ -176,19 +176,20 @@ def control(name: str, n: int) -> None:
     time.sleep(60)
 
 
-def wait_one(name: str, timeout: float) -> None:
-    """Block in read() (futex sleep) and report how long after publish the frame arrived."""
-    r = Reader(name, mode="latest", start="next", wait=10.0, spin=0.0)
+def wait_n(name: str, n: int, timeout: float) -> None:
+    """Block in read() (futex sleep, no spinning) n times; report each frame's wake latency."""
+    r = Reader(name, mode="every", start="next", wait=10.0, spin=0.0)
     say(event="ready", pid=os.getpid())
-    f = r.read(timeout=timeout)
-    now = time.monotonic_ns()
-    say(
-        event="done",
-        got=None if f is None else f.seq,
-        latency_us=None if f is None else (now - f.publish_ns) / 1e3,
-    )
-    if f is not None:
+    got, lat = [], []
+    for _ in range(n):
+        f = r.read(timeout=timeout)
+        now = time.monotonic_ns()
+        if f is None:
+            break
+        got.append(f.seq)
+        lat.append((now - f.publish_ns) / 1e3)
         f.release()
+    say(event="done", got=got, latency_us=lat)
     r.close()
 
 

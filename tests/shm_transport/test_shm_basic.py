@@ -284,7 +284,7 @@ def test_blocking_read_times_out_and_wakes(shm_name: str) -> None:
         assert 0.25 < time.monotonic() - t0 < 1.5
         t0 = time.monotonic()
         assert r.read(timeout=0) is None
-        assert time.monotonic() - t0 < 0.05
+        assert time.monotonic() - t0 < 0.2  # (generous: other jobs share the 2 cores)
         fill(p, 1)
         t0 = time.monotonic()
         f = r.read(timeout=5)

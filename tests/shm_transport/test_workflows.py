@@ -156,6 +156,23 @@ def test_store_full_is_a_clear_error(connect: Any) -> None:
     assert t.queue_depth("jobs") == 0
 
 
+def test_full_ring_falls_back_to_files(connect: Any) -> None:
+    tx, rx = connect(ring_kb=1), connect(ring_kb=1)
+    for i in range(40):  # ~80 bytes each: the 1 KiB ring holds about ten
+        tx.send("spill", {"i": i})
+    assert tx.queue_depth("spill") == 40
+    assert len(os.listdir(f"{tx.store_path}/q/spill/ready")) > 20
+    inbox = Inbox()
+    rx.subscribe("spill", inbox, acknowledgement=True, prefetch_count=5)
+    got = []
+    while len(got) < 40:
+        h, m = inbox.wait(len(got) + 1)[len(got)]
+        got.append(m["i"])
+        rx.ack(h)
+    assert sorted(got) == list(range(40))
+    assert tx.queue_depth("spill") == 0
+
+
 def test_numpy_payload_is_memory_mapped(connect: Any) -> None:
     tx, rx = connect(), connect()
     inbox = Inbox()

@@ -40,6 +40,18 @@ class TestShmTransport(suite.Conformance):
             b.close()
 
 
+class TestShmTransportFilesOnly(suite.Conformance):
+    """Every message through the file store (what a full ring falls back to)."""
+
+    @pytest.fixture
+    def backend(self) -> Iterator[Any]:
+        b = suite.ShmBackend(f"t{secrets.token_hex(4)}", ring_kb=0)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
 @pytest.mark.broker
 class TestPikaTransport(suite.Conformance):
     @pytest.fixture

@@ -90,13 +90,14 @@ class Backend:
 class ShmBackend(Backend):
     kind = "shm"
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, ring_kb: int = 4096) -> None:
         super().__init__()
         self.namespace = namespace
+        self.ring_kb = ring_kb
         self._admin: Any = None
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "shm", "namespace": self.namespace}
+        return {"kind": "shm", "namespace": self.namespace, "ring_kb": self.ring_kb}
 
     def admin(self) -> Any:
         if self._admin is None:
@@ -194,7 +195,9 @@ def make_transport(spec: dict[str, Any]) -> CommonTransport:
     if spec["kind"] == "shm":
         from beampipe_shm._workflows import ShmTransport
 
-        t = ShmTransport(namespace=spec["namespace"], janitor_interval=0.2)
+        t = ShmTransport(
+            namespace=spec["namespace"], janitor_interval=0.2, ring_kb=spec.get("ring_kb")
+        )
     else:
         from workflows.transport.pika_transport import PikaTransport
 

@@ -174,6 +174,8 @@ def _load_libca() -> ctypes.CDLL:
     lib.ca_clear_channel.argtypes = [vp]
     lib.ca_state.argtypes = [vp]
     lib.ca_state.restype = ctypes.c_int
+    lib.ca_preemtive_callback_is_enabled.argtypes = []  # sic: libca's spelling
+    lib.ca_preemtive_callback_is_enabled.restype = ctypes.c_int
     lib.ca_puser.argtypes = [vp]
     lib.ca_puser.restype = vp
     lib.ca_array_get_callback.argtypes = [ctypes.c_long, ctypes.c_ulong, vp, _EVENT_CB, vp]
@@ -199,6 +201,7 @@ class Channel:
         "chid",
         "connected",
         "count",
+        "decoders",
         "generation",
         "host",
         "listeners",
@@ -220,6 +223,8 @@ class Channel:
         #: Bumped on every (re)connection: readers can tell a value from before a restart.
         self.generation = 0
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        #: (generation, what) -> (dbrcode, decoder), made once per connection and request kind.
+        self.decoders: dict[Hashable, tuple[int, Callable[..., Any]]] = {}
         self.listeners: list[Callable[[Channel, bool], None]] = []
 
     @property
@@ -259,6 +264,7 @@ class ForeignChannel(Channel):
         self.name, self.lib = key, lib
         self.listeners = []
         self._waiters = []
+        self.decoders = {}
         self.chid = self._as_parameter_ = chid
         self.connected = _LiveConnected(lib, chid)  # type: ignore[assignment]
 
@@ -319,7 +325,15 @@ class _Context:
         point_pyepics_at_epicscorelibs()
         import epics.ca
 
+        self.lib = _load_libca()
         if epics.ca.libca is None:
+            # If aioca already made its context, let pyepics adopt that one (pyepics keeps
+            # a context it finds attached) rather than make a second.
+            aioca_context = getattr(
+                getattr(sys.modules.get("aioca._catools"), "_Context", None), "_ca_context", None
+            )
+            if aioca_context and not self.lib.ca_current_context():
+                self.lib.ca_attach_context(aioca_context)
             epics.ca.initialize_libca()
         loaded = getattr(epics.ca.libca, "_name", None)
         if loaded and os.path.realpath(loaded) != os.path.realpath(_libca_path()):
@@ -328,7 +342,13 @@ class _Context:
                 f"({_libca_path()}): two libcas in one process do not share channels; import "
                 "beampipe_ca (or epicscorelibs.path.pyepics) before pyepics makes its first CA call"
             )
-        self.lib = _load_libca()
+        self.ctx: int = epics.ca.initial_context
+        self.attach()
+        if not self.lib.ca_preemtive_callback_is_enabled():
+            raise CaError(
+                "the shared CA context has preemptive callbacks off (epics.ca.PREEMPTIVE_CALLBACK "
+                "= False?): beampipe_ca needs them, replies would only arrive inside ca_pend_event"
+            )
         # Queuing a request is a short, non-blocking call: keep the GIL across it, or
         # each of the N calls hands the GIL to libca's thread delivering the first
         # replies and the issuing loop crawls.  libca releases its own lock before
@@ -341,7 +361,6 @@ class _Context:
         )(("ca_array_get", self.lib))
         self.lib.ca_pend_io.argtypes = [ctypes.c_double]
         self._pend_lock = threading.Lock()
-        self.ctx: int = epics.ca.initial_context
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
         self._by_token: dict[int, Channel] = {}
@@ -350,7 +369,6 @@ class _Context:
         #: Wire batches put on the wire so far (tests and benchmarks check coalescing with it).
         self.batches_issued = 0
         self._next_usr = 1
-        self._decoders: dict[tuple[int, int, Hashable], tuple[int, Callable[..., Any]]] = {}
         self._conn_cb = _CONN_CB(self._on_connection)
         self._event_cb = _EVENT_CB(self._on_get)
         self.io = _ReadIO(self)
@@ -783,9 +801,11 @@ def make_time_decoder(native: int, scalar: bool) -> Callable[[int, int, int], Re
 
     def decode(raw: int, _dbr: int, count: int) -> Reading:
         if not scalar and native != 0:
-            status, severity, secs, nsec = unpack(ctypes.string_at(raw, 12))
-            value: Any = np.empty(count, dtype)
-            ctypes.memmove(value.ctypes.data, raw + off, count * itemsize)
+            # A view of libca's buffer, then one copy into a numpy array we own: no
+            # intermediate bytes object (the array's .ctypes.data alone costs more).
+            mem = (ctypes.c_char * (off + count * itemsize)).from_address(raw)
+            status, severity, secs, nsec = unpack(mem)
+            value: Any = np.frombuffer(memoryview(mem), dtype, count, off).copy()
         else:
             buf = ctypes.string_at(raw, off + count * itemsize)
             status, severity, secs, nsec = unpack(buf)
@@ -835,10 +855,10 @@ class _ReadIO:
     ) -> tuple[int, Callable[..., Any]]:
         # Keyed on the connection generation: a PV whose type changed across an IOC
         # reboot gets a new decoder.
-        cache_key = (chan.chid, chan.generation, what)
-        found = self.ctx._decoders.get(cache_key)
+        cache_key = (chan.generation, what)
+        found = chan.decoders.get(cache_key)
         if found is None:
-            found = self.ctx._decoders[cache_key] = make()
+            found = chan.decoders[cache_key] = make()
         return found
 
     def _plan_time(self, chan: Channel, _key: Any) -> tuple[int, int, Callable[..., Any]]:

@@ -10,9 +10,9 @@ numpy array is a view on p4p's buffer, so decoding costs a reshape.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import numpy as np
 
@@ -157,10 +157,16 @@ def _table_columns(table_cls: type) -> dict[str, np.dtype[Any] | None]:
         raise TypeError(f"{table_cls!r} is not an ophyd-async Table (no model_fields)")
     for name, info in fields.items():
         annotation = info.annotation
+        if get_origin(annotation) in (Sequence, list) and get_args(annotation) == (str,):
+            out[name] = None
+            continue
         try:
             out[name] = get_dtype(annotation)
-        except TypeError:
-            out[name] = None
+        except TypeError as exc:
+            raise TypeError(
+                f"{table_cls.__name__}.{name}: column type {annotation} is neither "
+                "Array1D[...] nor Sequence[str]"
+            ) from exc
     return out
 
 

@@ -367,6 +367,21 @@ class Reader:
             }
             for base in att.slot_addr
         ]
+        # read-only views of each slot's full arrays, for copies (which need no lease link)
+        g0 = att.seg.geometry.slots_off
+        stride = att.seg.geometry.slot_stride
+        self._ro_views = [
+            {
+                spec.name: np.frombuffer(
+                    att.seg.mm,
+                    spec.dtype,
+                    int(np.prod(spec.shape, dtype=np.int64)),
+                    g0 + k * stride + off,
+                ).reshape(spec.shape)
+                for _, spec, off in self._layout
+            }
+            for k in range(att.seg.geometry.n_slots)
+        ]
 
     @staticmethod
     def _iface(spec: L.StreamSpec, shape: tuple[int, ...], addr: int) -> dict[str, Any]:
@@ -666,7 +681,9 @@ class Reader:
                 shape = (rows, *shape[1:])
                 iface = self._iface(spec, shape, base + off)
             if lease is None:
-                view = np.asarray(_View(iface, None))  # type: ignore[arg-type]
+                view = self._ro_views[k][spec.name]
+                if spec.variable:
+                    view = view[: shape[0]]
                 dst = out.get(spec.name) if out is not None else None
                 if dst is None:
                     arrays[spec.name] = view.copy()

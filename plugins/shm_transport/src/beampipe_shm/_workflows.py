@@ -35,6 +35,7 @@ import time
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ from workflows.transport.common_transport import (
     json_serializer,
 )
 
+from ._workflows_ring import RING_MAX_RECORD, Ring
 from ._workflows_store import (
     QueueConfig,
     ShmStoreError,
@@ -79,12 +81,14 @@ class ShmTransportNotConnected(workflows.Disconnected):
 
 # -- inotify, through libc: wake a consumer the moment a message lands in its queue -------
 
+_IN_ATTRIB = 0x4
 _IN_MOVED_TO = 0x80
 _IN_CREATE = 0x100
 _IN_Q_OVERFLOW = 0x4000
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")
+_PREFIX_SIZE = 8  # message file prefix: magic + header length
 
 
 class _Inotify:
@@ -99,8 +103,8 @@ class _Inotify:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
 
-    def watch(self, path: str) -> int:
-        wd = self._add(self.fd, os.fsencode(path), _IN_MOVED_TO | _IN_CREATE)
+    def watch(self, path: str, mask: int = _IN_MOVED_TO | _IN_CREATE) -> int:
+        wd = self._add(self.fd, os.fsencode(path), mask)
         if wd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
@@ -136,10 +140,11 @@ class _Inotify:
 
 @dataclass
 class _Held:
-    path: str
+    path: str  # "" for a record held in the queue's ring
     queue: str
     name: str
     pending: int | None = None  # transaction that will ack/nack this message
+    ring: int = -1  # offset of the ring record
 
 
 @dataclass
@@ -159,6 +164,8 @@ class _Sub:
     dirty: bool = True
     delayed: list[tuple[int, str]] = field(default_factory=list)  # heap of (due ns, name)
     last_scan: float = 0.0
+    ring: Ring | None = None
+    slot: int = -1
 
 
 @dataclass
@@ -198,6 +205,7 @@ class ShmTransport(CommonTransport):
         "--shm-delivery-limit": _DEFAULT_DELIVERY_LIMIT,
         "--shm-reserve-mb": 64,
         "--shm-janitor-interval": 0.5,
+        "--shm-ring-kb": 4096,
     }
     # Effective configuration from the command line, shared by the class as PikaTransport's is.
     config: dict[str, Any] = {}
@@ -211,6 +219,7 @@ class ShmTransport(CommonTransport):
         delivery_limit: int | None = None,
         reserve_mb: float | None = None,
         janitor_interval: float | None = None,
+        ring_kb: int | None = None,
     ) -> None:
         super().__init__(middleware=middleware)
         # workflows keeps subscriptions and transactions in class-level dicts shared by every
@@ -224,6 +233,7 @@ class ShmTransport(CommonTransport):
             "--shm-delivery-limit": delivery_limit,
             "--shm-reserve-mb": reserve_mb,
             "--shm-janitor-interval": janitor_interval,
+            "--shm-ring-kb": ring_kb,
         }
         self._lock = threading.RLock()
         self._store: Store | None = None
@@ -242,6 +252,9 @@ class ShmTransport(CommonTransport):
         self._janitor_interval = 0.5
         self._next_janitor = 0.0
         self._dropped = 0
+        self._ring_bytes = 0
+        self._rings: dict[str, Ring] = {}
+        self._bell_wd = -1
 
     # -- options ---------------------------------------------------------------------------
 
@@ -264,6 +277,7 @@ class ShmTransport(CommonTransport):
             ("--shm-delivery-limit", "N", int, "deliveries before dead-lettering (0: no limit)"),
             ("--shm-reserve-mb", "MB", float, "refuse sends that leave less free memory"),
             ("--shm-janitor-interval", "S", float, "seconds between dead-consumer checks"),
+            ("--shm-ring-kb", "KB", int, "per-queue ring for small messages (0: files only)"),
         ]
         if hasattr(parser, "add_argument"):
             import argparse
@@ -339,6 +353,8 @@ class ShmTransport(CommonTransport):
             limit = int(self._option("--shm-delivery-limit") or 0)
             self._delivery_limit = limit if limit > 0 else None
             self._janitor_interval = float(self._option("--shm-janitor-interval"))
+            ring_kb = self._option("--shm-ring-kb")
+            self._ring_bytes = max(0, int(ring_kb if ring_kb is not None else 0)) * 1024
             reserve = int(float(self._option("--shm-reserve-mb")) * 2**20)
             store = Store(store_path(root, self.namespace), reserve_bytes=reserve)
             try:
@@ -393,6 +409,9 @@ class ShmTransport(CommonTransport):
             self._recover(self._cid)  # returns our held messages, deletes temporary queues
             os.close(self._lock_fd)
             self._lock_fd = -1
+            for ring in self._rings.values():
+                ring.close()
+            self._rings = {}
             if self._inotify is not None:
                 self._inotify.close()
                 self._inotify = None
@@ -413,6 +432,10 @@ class ShmTransport(CommonTransport):
             with contextlib.suppress(OSError):
                 self._inotify.close()
         self._lock_fd = self._wake_fd = -1
+        for ring in self._rings.values():
+            with contextlib.suppress(OSError):
+                os.close(ring.fd)
+        self._rings = {}
         self._inotify = None
         self._thread = None
         self._store = None
@@ -481,6 +504,28 @@ class ShmTransport(CommonTransport):
             expires=expires,
             array=array,
         )
+        if (
+            kind == "q"
+            and transaction is None
+            and not delay
+            and array is None
+            and self._ring_bytes
+            and len(parts) == 1
+            and len(parts[0]) <= RING_MAX_RECORD
+        ):
+            store.check_space(len(parts[0]), repr(dest))
+            ring = self._ring(dest)
+            if ring is None:
+                self._dropped += 1
+                log.warning("message to deleted temporary queue %r dropped", dest)
+                return
+            blob = parts[0]
+            hlen = _PREFIX_SIZE + int.from_bytes(blob[4:8], "little")
+            sleepers = ring.append(bytes(blob[_PREFIX_SIZE:hlen]), bytes(blob[hlen:]))
+            if sleepers is not None:
+                self._ring_bells(sleepers)
+                return
+            # ring full (slow consumers): the file store takes it
         name = next_name(delay)
         if transaction is not None:
             with self._lock:
@@ -491,6 +536,30 @@ class ShmTransport(CommonTransport):
             return
         tmp = store.stage(self._cid, parts, repr(dest))
         self._publish(store, tmp, kind, dest, name)
+
+    def _ring(self, queue: str) -> Ring | None:
+        """``queue``'s ring, created on first use; None if it is a deleted temporary queue."""
+        ring = self._rings.get(queue)
+        if ring is not None:
+            return ring
+        store = self._store
+        assert store is not None
+        if not store.queue_exists(queue):
+            if os.path.exists(f"{store.gone}/{queue}"):
+                return None
+            store.ensure_queue(queue)
+        with self._lock:
+            ring = self._rings.get(queue)
+            if ring is None:
+                ring = self._rings[queue] = Ring(f"{store.q}/{queue}/ring", self._ring_bytes)
+        return ring
+
+    def _ring_bells(self, consumers: list[str]) -> None:
+        store = self._store
+        assert store is not None
+        for cid in consumers:
+            with contextlib.suppress(OSError):
+                os.utime(f"{store.c}/{cid}/bell")
 
     def _publish(self, store: Store, tmp: str, kind: str, dest: str, name: str) -> None:
         if kind == "q":
@@ -564,7 +633,12 @@ class ShmTransport(CommonTransport):
 
     def queue_depth(self, queue: str) -> int:
         """Messages waiting in ``queue`` (not counting delivered, un-acknowledged ones)."""
-        return self._need(f"count queue {queue!r}").depth(validate_name(queue))
+        store = self._need(f"count queue {queue!r}")
+        depth = store.depth(validate_name(queue))
+        if self._ring_bytes and store.queue_exists(queue):
+            ring = self._ring(queue)
+            depth += ring.ready_count() if ring is not None else 0
+        return depth
 
     def _policy(self, queue: str) -> QueueConfig:
         store = self._store
@@ -643,11 +717,76 @@ class ShmTransport(CommonTransport):
                 self._inotify = _Inotify()
                 self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             sub.wd = self._inotify.watch(store.ready(sub.queue))
+            if self._ring_bytes and sub.kind != "broadcast":
+                self._ring_subscribe(store, sub)
             self._subs[sub.sid] = sub
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
                 self._thread.start()
         self._wake()
+
+    def _ring_subscribe(self, store: Store, sub: _Sub) -> None:
+        assert self._inotify is not None
+        if self._bell_wd < 0:
+            bell = f"{store.c}/{self._cid}/bell"
+            with open(bell, "w"):
+                pass
+            self._bell_wd = self._inotify.watch(bell, _IN_ATTRIB)
+        os.makedirs(f"{store.c}/{self._cid}/rings", mode=0o700, exist_ok=True)
+        with open(f"{store.c}/{self._cid}/rings/{sub.queue}", "w"):
+            pass  # recorded before the slot exists, so recovery always finds it
+        ring = self._ring(sub.queue)
+        assert ring is not None
+        with ring.locked():
+            slot = ring.slot_of(self._cid)
+        assert slot is not None
+        sub.ring, sub.slot = ring, slot
+
+    def _ring_held(
+        self, held: list[_Held], cid: str | None
+    ) -> Iterator[tuple[str, Ring, int, list[int]]]:
+        """Group ring-held messages by queue, with the ring and the holder's slot."""
+        by_queue: dict[str, list[int]] = {}
+        for h in held:
+            if h.ring >= 0:
+                by_queue.setdefault(h.queue, []).append(h.ring)
+        for queue, offsets in by_queue.items():
+            ring = self._ring(queue)
+            if ring is None:
+                continue
+            with ring.locked():
+                slot = ring.slot_of(cid or self._cid, create=False)
+            if slot is not None:
+                yield queue, ring, slot, offsets
+
+    def _give_back(self, held: list[_Held], cid: str | None = None) -> None:
+        """Return delivered, un-acknowledged messages to their queues (one delivery later)."""
+        for h in held:
+            if h.ring < 0:
+                self._return(h.path, h.queue, h.name)
+        for queue, ring, slot, offsets in self._ring_held(held, cid):
+            over, sleepers = ring.release(offsets, slot, self._policy(queue).delivery_limit)
+            self._ring_bells(sleepers)
+            for rec in over:
+                self._dead_letter_message(queue, "delivery_limit", json.loads(rec.meta), rec.body)
+
+    def _finish(self, held: list[_Held], cid: str | None = None) -> None:
+        """Acknowledge: the messages are gone for good."""
+        for h in held:
+            if h.ring < 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(h.path)
+        for _queue, ring, slot, offsets in self._ring_held(held, cid):
+            ring.ack(offsets, slot)
+
+    def _reject(self, held: list[_Held], cid: str | None = None) -> None:
+        """nack without requeue: to the dead-letter queue (or dropped without one)."""
+        for h in held:
+            if h.ring < 0:
+                self._dead_letter(h.path, h.queue, "rejected")
+        for queue, ring, slot, offsets in self._ring_held(held, cid):
+            for rec in ring.take_done(offsets, slot):
+                self._dead_letter_message(queue, "rejected", json.loads(rec.meta), rec.body)
 
     def _unsubscribe(self, sub_id: int, **kwargs: Any) -> None:
         store = self._need(f"unsubscribe {sub_id}")
@@ -661,8 +800,7 @@ class ShmTransport(CommonTransport):
             if self._tx_on_channel.get(sub_id) is not None:
                 self._tx_on_channel.pop(sub_id)
         # As a closed AMQP channel does: what was delivered and not acknowledged goes back.
-        for h in held:
-            self._return(h.path, h.queue, h.name)
+        self._give_back(held)
         if sub.kind != "queue":
             store.delete_queue(sub.queue, sub.topic)
             with contextlib.suppress(FileNotFoundError):
@@ -713,9 +851,7 @@ class ShmTransport(CommonTransport):
                 return
             full = sub.prefetch and len(sub.inflight) >= sub.prefetch
             done = [sub.inflight.pop(t) for t in tags]
-        for h in done:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(h.path)
+        self._finish(done)
         if full:
             self._wake()
 
@@ -738,11 +874,10 @@ class ShmTransport(CommonTransport):
                 self._txs[transaction].nacks.extend((subscription_id, t, requeue) for t in tags)
                 return
             done = [sub.inflight.pop(t) for t in tags]
-        for h in done:
-            if requeue:
-                self._return(h.path, h.queue, h.name)
-            else:
-                self._dead_letter(h.path, h.queue, "rejected")
+        if requeue:
+            self._give_back(done)
+        else:
+            self._reject(done)
         self._wake()
 
     def _return(self, path: str, queue: str, name: str) -> None:
@@ -904,9 +1039,10 @@ class ShmTransport(CommonTransport):
         if tx.sends or acks or nacks:
             # The redo log: once it exists the transaction happens, even if we die now.
             manifest = {
+                "cid": self._cid,
                 "sends": tx.sends,
-                "acks": [h.path for h in acks],
-                "nacks": [[h.path, h.queue, h.name, rq] for h, rq in nacks],
+                "acks": [[h.path, h.queue, h.name, h.ring] for h in acks],
+                "nacks": [[h.path, h.queue, h.name, h.ring, rq] for h, rq in nacks],
             }
             log_path = f"{store.c}/{self._cid}/tx-{transaction_id}.json"
             store.write_json(log_path, manifest)
@@ -918,16 +1054,13 @@ class ShmTransport(CommonTransport):
     def _apply(self, manifest: dict[str, Any]) -> None:
         store = self._store
         assert store is not None
+        cid = manifest["cid"]
         for tmp, kind, dest, name in manifest["sends"]:
             self._publish(store, tmp, kind, dest, name)
-        for path in manifest["acks"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        for path, queue, name, requeue in manifest["nacks"]:
-            if requeue:
-                self._return(path, queue, name)
-            else:
-                self._dead_letter(path, queue, "rejected")
+        self._finish([_Held(p, q, n, ring=r) for p, q, n, r in manifest["acks"]], cid)
+        nacks = [(_Held(p, q, n, ring=r), rq) for p, q, n, r, rq in manifest["nacks"]]
+        self._give_back([h for h, rq in nacks if rq], cid)
+        self._reject([h for h, rq in nacks if not rq], cid)
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -966,6 +1099,16 @@ class ShmTransport(CommonTransport):
                             os.unlink(path)
                     else:
                         self._return(path, queue, name)
+        with contextlib.suppress(FileNotFoundError):
+            for queue in os.listdir(f"{base}/rings"):
+                ring = None if queue in owned else self._ring(queue)
+                if ring is None:
+                    continue
+                over, sleepers = ring.recover(cid, self._policy(queue).delivery_limit)
+                self._ring_bells(sleepers)
+                for rec in over:
+                    meta = json.loads(rec.meta)
+                    self._dead_letter_message(queue, "delivery_limit", meta, rec.body)
         for tmp in store.tmp_of(cid):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -1071,11 +1214,72 @@ class ShmTransport(CommonTransport):
             return name
         return None
 
+    def _dispatch(self, sub: _Sub, meta: dict[str, Any], body: Any, returns: int, tag: int) -> None:
+        headers = dict(meta["h"])
+        if returns:
+            headers["x-delivery-count"] = returns
+        headers.update(
+            {
+                "consumer_tag": str(sub.sid),
+                "delivery_mode": 2,
+                "exchange": meta["x"],
+                "message-id": tag,
+                "redelivered": returns > 0,
+                "routing_key": meta["r"],
+                "subscription": sub.sid,
+            }
+        )
+        self.subscription_callback(sub.sid)(headers, body)
+
+    def _deliver_ring(self, sub: _Sub) -> bool:
+        """Deliver a batch from ``sub``'s ring; True if more may be waiting."""
+        ring = sub.ring
+        if ring is None or not sub.active or self._stopping:
+            return False
+        limit = _BATCH
+        if sub.ack and sub.prefetch:
+            limit = min(limit, sub.prefetch - len(sub.inflight))
+            if limit <= 0:
+                return False
+        records = ring.claim(sub.slot, limit, auto_ack=not sub.ack)
+        now = time.time()
+        for i, rec in enumerate(records):
+            meta = json.loads(rec.meta)
+            with self._lock:
+                if not sub.active or self._stopping:  # unsubscribed meanwhile: put back
+                    rest = records[i:]
+                    if sub.ack:
+                        ring.release([r.offset for r in rest], sub.slot, None)
+                    else:
+                        for r in rest:
+                            if ring.append(r.meta, r.body) is None:
+                                self._put_back(
+                                    self._store, sub.queue, next_name(), json.loads(r.meta), r.body
+                                )
+                    return False
+                expires = meta.get("e")
+                if expires is not None and expires < now:
+                    tag = 0
+                else:
+                    tag = sub.next_tag
+                    sub.next_tag += 1
+                    if sub.ack:
+                        sub.inflight[tag] = _Held("", sub.queue, "", ring=rec.offset)
+            if not tag:  # expired
+                if sub.ack:
+                    ring.take_done([rec.offset], sub.slot)
+                self._dead_letter_message(sub.queue, "expired", meta, rec.body)
+                continue
+            self._dispatch(sub, meta, rec.body, rec.returns, tag)
+        return len(records) == limit
+
     def _deliver(self, sub: _Sub) -> bool:
         """Deliver up to a batch from ``sub``'s queue; True if more may be waiting."""
         store = self._store
         if store is None:
             return False
+        if self._deliver_ring(sub):
+            return True
         for _ in range(_BATCH):
             if not sub.active or self._stopping:
                 return False
@@ -1112,9 +1316,6 @@ class ShmTransport(CommonTransport):
                     self._dead_letter_message(sub.queue, "expired", msg.meta, msg.body)
                 continue
             _, returns = split_name(name)
-            headers = dict(msg.meta["h"])
-            if returns:
-                headers["x-delivery-count"] = returns
             with self._lock:
                 if not sub.active:  # unsubscribed meanwhile: not delivered, so not counted
                     if sub.ack:
@@ -1126,18 +1327,7 @@ class ShmTransport(CommonTransport):
                 sub.next_tag += 1
                 if sub.ack:
                     sub.inflight[tag] = _Held(path, sub.queue, name)
-            headers.update(
-                {
-                    "consumer_tag": str(sub.sid),
-                    "delivery_mode": 2,
-                    "exchange": msg.meta["x"],
-                    "message-id": tag,
-                    "redelivered": returns > 0,
-                    "routing_key": msg.meta["r"],
-                    "subscription": sub.sid,
-                }
-            )
-            self.subscription_callback(sub.sid)(headers, msg.body)
+            self._dispatch(sub, msg.meta, msg.body, returns, tag)
         return True
 
     # -- mangling: exactly PikaTransport's, so services see the same objects ---------------
