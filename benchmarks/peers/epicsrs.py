@@ -40,7 +40,7 @@ pva_connect_new             name_sets                                     second
 pva_ophyd_async_device      as ophyd_async_device                         as it
 ==========================  ============================================  =================
 
-Every row spec may also set ``repeats``.  Every result has ``api`` (the epicsrs call
+Every row spec may also set ``repeats`` and ``timeout`` (one connect or read, seconds).  Every result has ``api`` (the epicsrs call
 timed).  A row stops repeating early (never below one) when it has run ``row_budget``
 seconds; rows not started before the whole budget is spent are reported in ``errors``.
 """

@@ -351,6 +351,7 @@ def main() -> int:
 
     spec = json.load(sys.stdin)
     ctx = Ctx(spec)
+    default_timeout = ctx.timeout
     send(
         {
             "hello": {
@@ -368,6 +369,7 @@ def main() -> int:
             send({"row": name, "error": f"unknown row; known: {sorted(ROWS)}"})
             continue
         send({"start": name})
+        ctx.timeout = float(row.get("timeout", default_timeout))
         try:
             result = fn(ctx, row)
         except Exception as exc:  # noqa: BLE001 - reported to the parent with the row name

@@ -242,34 +242,19 @@ class PvaGetIO:
     deadline with what it has: the rest fail alone, their gets cancelled.
     """
 
-    #: Used for keys whose caller did not say (e.g. read straight through the Coalescer).
-    default_timeout = 5.0
-
     def __init__(self, context: Callable[[], Any] = raw_context, request: Any = None) -> None:
         self._context = context
         self._request = request
         self._house = _Housekeeper(self)
         self._flights: dict[int, _Flight] = {}
         self._lock = threading.Lock()
-        self._wanted: dict[str, float] = {}
-
-    def want(self, names: Iterable[str], deadline: float) -> None:
-        """Tell the IO how long callers will wait for these names, before they are requested."""
-        with self._lock:
-            for name in names:
-                if self._wanted.get(name, 0.0) < deadline:
-                    self._wanted[name] = deadline
 
     def issue(
         self, batch: Batch[str], complete: Callable[[Mapping[Any, Outcome[Any]]], None]
     ) -> None:
         ctx = self._context()
-        now = time.monotonic()
-        with self._lock:
-            wanted = [self._wanted.pop(name, 0.0) for name in batch.keys]
-        deadline = max(max(wanted, default=0.0), now + 0.001)
-        if deadline <= now + 0.002 and not any(wanted):
-            deadline = now + self.default_timeout
+        now = time.monotonic()  # the Coalescer's clock, which set batch.deadline
+        deadline = batch.deadline if batch.deadline > now else now + 0.001
         # Finish a little before the callers give up, so answers that did come are delivered.
         deadline -= min(0.05, 0.1 * (deadline - now))
         flight = _Flight(len(batch.keys), complete, deadline)
@@ -383,17 +368,10 @@ def _check_names(names: Iterable[str]) -> list[str]:
     return [n.removeprefix("pva://") for n in out]
 
 
-def _announce(keys: list[str], timeout: float) -> None:
-    io = _io
-    if io is not None:
-        io.want(keys, time.monotonic() + timeout)
-
-
 def bulk_get_raw(names: Iterable[str], timeout: float = 5.0) -> dict[str, Outcome[Any]]:
     """Fresh GETs of many PVs, issued at once; each outcome is Ok(p4p Value) or Failed(reason)."""
     keys = _check_names(names)
     co = coalescer()
-    _announce(keys, timeout)
     return co.get_many("get", keys, timeout)
 
 
@@ -401,7 +379,6 @@ async def bulk_get_raw_async(names: Iterable[str], timeout: float = 5.0) -> dict
     """:func:`bulk_get_raw` for coroutines; concurrent awaits in one loop turn share a batch."""
     keys = _check_names(names)
     co = coalescer()
-    _announce(keys, timeout)
     return await co.get_many_async("get", keys, timeout)
 
 
@@ -409,7 +386,6 @@ async def get_raw_async(name: str, timeout: float = 5.0) -> Outcome[Any]:
     """One fresh GET from a coroutine, sharing a batch with every other read in this loop turn."""
     (key,) = _check_names([name])
     co = coalescer()
-    _announce([key], timeout)
     return await co.get_async("get", key, timeout)
 
 

@@ -27,7 +27,15 @@ from ._errors import (
     StreamNotFound,
 )
 from ._segment import Mapped, open_segment
-from ._sys import fence, futex_wait, load_fence, store_fence, try_lock, unlock
+from ._sys import (
+    fence,
+    futex_wait,
+    load_fence,
+    release_fence,
+    store_fence,
+    try_lock,
+    unlock,
+)
 
 __all__ = ["Frame", "Reader", "ReaderStats"]
 
@@ -82,6 +90,7 @@ class _Attachment:
         self.refs[k] -= 1
         if self.refs[k] == 0:
             if not self.retired:
+                release_fence()  # the reads of the slot are done before the producer may write
                 self.rw[L.R_LEASES + k] = 0
             elif not any(self.refs):
                 self._unmap()
@@ -97,6 +106,7 @@ class _Attachment:
         if self.retired:
             return
         self.retired = True
+        release_fence()
         self.rw[L.R_WAITING] = 0
         for k in range(len(self.refs)):
             self.rw[L.R_LEASES + k] = 0

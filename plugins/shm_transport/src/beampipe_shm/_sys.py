@@ -40,6 +40,7 @@ __all__ = [
     "futex_wake",
     "load_fence",
     "lock_held_by_other",
+    "release_fence",
     "store_fence",
     "try_lock",
     "unlock",
@@ -92,6 +93,9 @@ def _noop() -> None:
 
 store_fence: Callable[[], None] = fence if _ARM64 else _noop
 load_fence: Callable[[], None] = fence if _ARM64 else _noop
+#: before a store that hands memory back (a lease cleared after reading the slot): earlier
+#: loads must complete first.  x86-64 never moves a store before an earlier load.
+release_fence: Callable[[], None] = fence if _ARM64 else _noop
 
 _SYS_FUTEX = 202 if _X86 else 98
 _FUTEX_WAIT = 0
