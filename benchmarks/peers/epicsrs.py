@@ -40,9 +40,10 @@ pva_connect_new             name_sets                                     second
 pva_ophyd_async_device      as ophyd_async_device                         as it
 ==========================  ============================================  =================
 
-Every row spec may also set ``repeats`` and ``timeout`` (one connect or read, seconds).  Every result has ``api`` (the epicsrs call
-timed).  A row stops repeating early (never below one) when it has run ``row_budget``
-seconds; rows not started before the whole budget is spent are reported in ``errors``.
+Every row spec may also set ``repeats`` and ``timeout`` (seconds for one connect or read).
+Every result has ``api`` (the epicsrs call timed).  A row stops repeating early (never
+below one) when it has run ``row_budget`` seconds; rows not started before the whole
+budget is spent are reported in ``errors``.
 """
 
 from __future__ import annotations
@@ -199,14 +200,17 @@ def measure(
         if isinstance(got, str):
             raise PeerError(f"ophyd-epicsrs venv unavailable: {got}")
         python = got
-    proc = subprocess.Popen(
-        [str(python), "-I", str(WORKER)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_child_env(env),
-    )
+    try:
+        proc = subprocess.Popen(
+            [str(python), "-I", str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_child_env(env),
+        )
+    except OSError as exc:
+        raise PeerError(f"cannot start the ophyd-epicsrs worker with {python}: {exc}") from exc
     timed_out = False
     try:
         stdout, stderr = proc.communicate(json.dumps(spec), timeout=timeout)

@@ -450,3 +450,18 @@ def test_a_lease_taken_during_the_claim_wins(shm_name: str) -> None:
         assert p.lease_skips >= 1
         assert (held["img"] == 1).all()
         held.release()
+
+
+def test_control_messages_of_a_reader_that_closed_are_still_delivered(shm_name: str) -> None:
+    with one(shm_name, max_readers=1) as p:
+        with Reader(shm_name) as r:
+            r.send_control(5, b"last words")
+        assert [(i.mode, i.control_pending > 0) for i in inspect(shm_name).readers] == [
+            ("closed", True)
+        ]
+        with pytest.raises(ReaderLimitReached):  # its record is kept until the producer reads
+            Reader(shm_name)
+        assert [(m.kind, m.data) for m in p.poll_control()] == [(5, b"last words")]
+        assert inspect(shm_name).readers == []
+        assert inspect(shm_name).reclaimed == 0  # a clean close is not a death
+        Reader(shm_name).close()  # the record is free again

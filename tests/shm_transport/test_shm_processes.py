@@ -231,6 +231,14 @@ def test_control_messages_from_another_process(shm_name: str, agents: Any) -> No
         assert [(m.kind, m.data, m.pid) for m in msgs] == [
             (7, f"msg {i}".encode(), sender.pid) for i in range(5)
         ]
+        # messages of a reader killed before the producer read them are still delivered
+        sender2 = agents("control", name=shm_name, n=3)
+        sender2.expect("ready")
+        sender2.kill()
+        assert p.reclaim_dead_readers() == 1
+        assert [(m.data, m.pid) for m in p.poll_control()] == [
+            (f"msg {i}".encode(), sender2.pid) for i in range(3)
+        ]
         sender.kill()
 
 

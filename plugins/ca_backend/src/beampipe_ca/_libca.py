@@ -257,11 +257,11 @@ class ForeignChannel(Channel):
     connection handler is the owner's, we do not get callbacks for it.
     """
 
-    __slots__ = ("lib",)
+    __slots__ = ("dead", "lib")
 
     def __init__(self, key: str, chid: int, lib: ctypes.CDLL) -> None:
         # Not Channel.__init__: type, count, host and generation are live properties here.
-        self.name, self.lib = key, lib
+        self.name, self.lib, self.dead = key, lib, False
         self.listeners = []
         self._waiters = []
         self.decoders = {}
@@ -362,6 +362,7 @@ class _Context:
         self.lib.ca_pend_io.argtypes = [ctypes.c_double]
         self._pend_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._foreign_lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
         self._by_token: dict[int, Channel] = {}
         self._gets: dict[int, _GetBatch] = {}
@@ -440,7 +441,12 @@ class _Context:
         """
         key = _adopted_key(name, chid)
         with self._lock:
-            self._channels.pop(key, None)
+            chan = self._channels.pop(key, None)
+        if isinstance(chan, ForeignChannel):
+            # After this no request is queued on the chid (see _issue), so once the
+            # in-flight ones are failed below, the owner may clear it safely.
+            with self._foreign_lock:
+                chan.dead = True
         for state in list(self._gets.values()):
             for k in state.keys:
                 if (k if isinstance(k, str) else k[0]) == key and k not in state.results:
@@ -585,7 +591,16 @@ class _Context:
             except Exception as exc:  # noqa: BLE001 - a bad request fails its PV alone
                 failed.append((key, Failed(f"{name}: {exc}")))
                 continue
-            status = queue_get(dbrcode, count, chan.chid, cb, base | idx)
+            if type(chan) is ForeignChannel:
+                # Check and queue as one step against forget(): never a request on a
+                # chid its owner is clearing.
+                with self._foreign_lock:
+                    if chan.dead:
+                        failed.append((key, Failed(f"{name}: channel released")))
+                        continue
+                    status = queue_get(dbrcode, count, chan.chid, cb, base | idx)
+            else:
+                status = queue_get(dbrcode, count, chan.chid, cb, base | idx)
             if status != ECA_NORMAL:
                 failed.append(
                     (key, Failed(f"{name}: ca_array_get_callback: {self.message(status)}"))

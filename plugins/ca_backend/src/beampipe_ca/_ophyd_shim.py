@@ -125,11 +125,17 @@ def _chid(pv: Any) -> int | None:
     return int(getattr(chid, "value", chid) or 0) or None
 
 
+#: Orders reading a PV's chid for a metadata request against releasing it: a request is
+#: either made before the release (and failed by ``forget``) or sees no chid at all.
+_release_lock = threading.Lock()
+
+
 def _time_ctrl_keys(pv: Any) -> tuple[tuple[str, None, int], tuple[str, None, int]] | None:
-    chid = _chid(pv)
-    if chid is None:
-        return None
-    key = ca_context().adopt(pv.pvname, chid)
+    with _release_lock:
+        chid = _chid(pv)
+        if chid is None:
+            return None
+        key = ca_context().adopt(pv.pvname, chid)
     return (key, None, FORMAT_TIME), (key, None, FORMAT_CTRL)
 
 
@@ -331,7 +337,9 @@ def release_pvs(*pvs: Any) -> None:
         pv._reference_count -= 1
         if pv._reference_count > 0:
             continue
-        chid, pvname, pv_context = _chid(pv), pv.pvname, pv.context
+        with _release_lock:
+            chid, pvname, pv_context = _chid(pv), pv.pvname, pv.context
+            pv.chid = None
         pv.clear_callbacks()
         pv.clear_auto_monitor()
         if chid is not None:
@@ -340,5 +348,4 @@ def release_pvs(*pvs: Any) -> None:
             if not getattr(entry, "callbacks", None):
                 ca_context().forget(pvname, chid)
                 epics.ca.clear_channel(chid)
-        pv.chid = None
         pv.context = None

@@ -20,7 +20,7 @@ class ReaderInfo:
     index: int
     pid: int
     alive: bool  # holds its registry lock (dead readers are reclaimed by the producer)
-    mode: str
+    mode: str  # "latest", "every", or "closed" (gone, control messages not yet read)
     last_seq: int
     lag: int  # frames published since the last one it read
     frames: int
@@ -100,7 +100,9 @@ def inspect(name: str) -> StreamInfo:
                     index=i,
                     pid=pid,
                     alive=lock_held_by_other(seg.fd, L.LOCK_READER_BASE + i),
-                    mode="every" if w[rw + L.R_MODE] == L.MODE_EVERY else "latest",
+                    mode={L.MODE_EVERY: "every", L.MODE_CLOSED: "closed"}.get(
+                        int(w[rw + L.R_MODE]), "latest"
+                    ),
                     last_seq=last,
                     lag=max(0, latest - last),
                     frames=int(w[rw + L.R_FRAMES]),

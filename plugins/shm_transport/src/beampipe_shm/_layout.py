@@ -101,6 +101,7 @@ R_CTRL_DATA = (R_LEASES + MAX_SLOTS) * 8  # 768: start of the control ring bytes
 
 MODE_LATEST = 0
 MODE_EVERY = 1
+MODE_CLOSED = 2  # the reader closed with control messages not yet read: the producer frees it
 
 
 def round_up(n: int, to: int) -> int:

@@ -214,6 +214,7 @@ class Producer:
             self._next_reclaim = 0
             self.dropped = 0
             self.lease_skips = 0
+            self._pending: list[ControlMessage] = []
             self._closed = False
         except BaseException:
             self._finalizer()
@@ -591,11 +592,17 @@ class Producer:
                 continue
             try:
                 pid = w[rw + L.R_PID]
+                # what it sent before it went is still delivered (poll_control)
+                self._pending.extend(self._drain(i, rw, 1 << 30))
                 self._leases[i, :] = 0
                 w[rw + L.R_WAITING] = 0
+                closed = w[rw + L.R_MODE] == L.MODE_CLOSED
                 w[rw + L.R_PID] = 0
-                n += 1
-                log.warning("stream %r: reclaimed reader %d (pid %d) which died", self.name, i, pid)
+                if not closed:
+                    n += 1
+                    log.warning(
+                        "stream %r: reclaimed reader %d (pid %d) which died", self.name, i, pid
+                    )
             finally:
                 unlock(self._fd, byte)
         if n:
@@ -607,32 +614,52 @@ class Producer:
         return self._reclaim(force=True)
 
     def poll_control(self, max_messages: int = 256) -> list[ControlMessage]:
-        """Drain readers' control rings (reader -> producer requests), oldest first per reader."""
+        """Drain readers' control rings (reader -> producer requests), oldest first per reader.
+
+        Messages of a reader that closed (or died) before they were read are delivered too.
+        """
         if self._closed:
             raise RuntimeError(f"stream {self.name!r}: producer is closed")
-        out: list[ControlMessage] = []
+        out = self._pending[:max_messages]
+        del self._pending[:max_messages]
+        w = self._words
+        for i, rw in enumerate(self._rec_word):
+            if len(out) >= max_messages:
+                break
+            if w[rw + L.R_PID] and w[rw + L.R_CTRL_HEAD] != w[rw + L.R_CTRL_TAIL]:
+                out.extend(self._drain(i, rw, max_messages - len(out)))
+        if len(out) < max_messages and any(
+            w[rw + L.R_MODE] == L.MODE_CLOSED for rw in self._rec_word if w[rw + L.R_PID]
+        ):
+            self._reclaim(force=True)  # closed readers left messages: free their records
+            out.extend(self._pending[: max_messages - len(out)])
+            del self._pending[: max_messages - len(out)]
+        return out
+
+    def _drain(self, i: int, rw: int, limit: int) -> list[ControlMessage]:
         w = self._words
         g = self.geometry
         cap = g.record_stride - L.R_CTRL_DATA
-        for i, rw in enumerate(self._rec_word):
-            pid = w[rw + L.R_PID]
-            if pid == 0:
+        pid = int(w[rw + L.R_PID])
+        head = w[rw + L.R_CTRL_HEAD]
+        tail = w[rw + L.R_CTRL_TAIL]
+        out: list[ControlMessage] = []
+        if head == tail:
+            return out
+        fence()  # head before the bytes it covers
+        data0 = g.records_off + i * g.record_stride + L.R_CTRL_DATA
+        while tail < head and len(out) < limit:
+            pos = tail % cap
+            length, kind = struct.unpack_from("II", self._mm, data0 + pos)
+            if length == _WRAP:
+                tail += cap - pos
                 continue
-            head = w[rw + L.R_CTRL_HEAD]
-            tail = w[rw + L.R_CTRL_TAIL]
-            if head == tail:
-                continue
-            fence()  # head before the bytes it covers
-            data0 = g.records_off + i * g.record_stride + L.R_CTRL_DATA
-            while tail < head and len(out) < max_messages:
-                pos = tail % cap
-                length, kind = struct.unpack_from("II", self._mm, data0 + pos)
-                if length == _WRAP:
-                    tail += cap - pos
-                    continue
-                body = bytes(self._mm[data0 + pos + 8 : data0 + pos + 8 + length])
-                tail += 8 + L.round_up(length, 8)
-                out.append(ControlMessage(i, int(pid), kind, body))
-            fence()  # finish reading before the reader may reuse the bytes
-            w[rw + L.R_CTRL_TAIL] = tail
+            if length > cap - 8:  # a dead reader's half-written garbage: stop, never crash
+                tail = head
+                break
+            body = bytes(self._mm[data0 + pos + 8 : data0 + pos + 8 + length])
+            tail += 8 + L.round_up(length, 8)
+            out.append(ControlMessage(i, pid, kind, body))
+        fence()  # finish reading before the reader may reuse the bytes
+        w[rw + L.R_CTRL_TAIL] = tail
         return out

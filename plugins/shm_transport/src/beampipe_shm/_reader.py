@@ -56,8 +56,15 @@ class _Attachment:
     def __init__(self, seg: Mapped, mode: int) -> None:
         self.seg = seg
         g = seg.geometry
+        base = g.records_off // 8
         for i in range(g.max_readers):
             if try_lock(seg.fd, L.LOCK_READER_BASE + i):
+                rw0 = base + i * g.record_stride // 8
+                w = seg.words
+                if w[rw0 + L.R_PID] and w[rw0 + L.R_CTRL_HEAD] != w[rw0 + L.R_CTRL_TAIL]:
+                    # a gone reader's undelivered messages: the producer drains them first
+                    unlock(seg.fd, L.LOCK_READER_BASE + i)
+                    continue
                 break
         else:
             raise ReaderLimitReached(
@@ -111,7 +118,12 @@ class _Attachment:
         for k in range(len(self.refs)):
             self.rw[L.R_LEASES + k] = 0
         store_fence()
-        self.rw[L.R_PID] = 0
+        if self.rw[L.R_CTRL_HEAD] != self.rw[L.R_CTRL_TAIL]:
+            # messages the producer has not read yet: leave the record to it (poll_control
+            # delivers them, then frees the record) instead of dropping them
+            self.rw[L.R_MODE] = L.MODE_CLOSED
+        else:
+            self.rw[L.R_PID] = 0
         unlock(self.seg.fd, L.LOCK_READER_BASE + self.index)
         if not any(self.refs):
             self._unmap()

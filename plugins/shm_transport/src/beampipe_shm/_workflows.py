@@ -55,6 +55,7 @@ from ._workflows_store import (
     decode,
     due_ns,
     encode,
+    meta_json,
     next_name,
     remove_store,
     split_name,
@@ -88,7 +89,6 @@ _IN_Q_OVERFLOW = 0x4000
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")
-_PREFIX_SIZE = 8  # message file prefix: magic + header length
 
 
 class _Inotify:
@@ -254,6 +254,7 @@ class ShmTransport(CommonTransport):
         self._dropped = 0
         self._ring_bytes = 0
         self._rings: dict[str, Ring] = {}
+        self._plain_meta: dict[str, bytes] = {}
         self._bell_wd = -1
 
     # -- options ---------------------------------------------------------------------------
@@ -496,6 +497,32 @@ class ShmTransport(CommonTransport):
             raise TypeError(f"headers for {dest!r} must be a dict, got {type(headers).__name__}")
         body, array = self._encode_body(message, dest)
         expires = None if expiration is None else time.time() + (delay or 0) + expiration
+        if (
+            kind == "q"
+            and transaction is None
+            and not delay
+            and array is None
+            and self._ring_bytes
+            and len(body) <= RING_MAX_RECORD // 2
+        ):  # the fast path: a small message straight into the queue's ring
+            if headers or expires is not None:
+                meta = meta_json(headers or {}, "", dest, expires)
+            else:
+                meta = self._plain_meta.get(dest) or self._plain_meta.setdefault(
+                    dest, meta_json({}, "", dest, None)
+                )
+            if len(meta) + len(body) <= RING_MAX_RECORD:
+                store.check_space(len(meta) + len(body), repr(dest))
+                ring = self._ring(dest)
+                if ring is None:
+                    self._dropped += 1
+                    log.warning("message to deleted temporary queue %r dropped", dest)
+                    return
+                sleepers = ring.append(meta, body if isinstance(body, bytes) else bytes(body))
+                if sleepers is not None:
+                    self._ring_bells(sleepers)
+                    return
+                # ring full (slow consumers): the file store takes it
         parts = encode(
             body,
             headers=dict(headers or {}),
@@ -504,28 +531,6 @@ class ShmTransport(CommonTransport):
             expires=expires,
             array=array,
         )
-        if (
-            kind == "q"
-            and transaction is None
-            and not delay
-            and array is None
-            and self._ring_bytes
-            and len(parts) == 1
-            and len(parts[0]) <= RING_MAX_RECORD
-        ):
-            store.check_space(len(parts[0]), repr(dest))
-            ring = self._ring(dest)
-            if ring is None:
-                self._dropped += 1
-                log.warning("message to deleted temporary queue %r dropped", dest)
-                return
-            blob = parts[0]
-            hlen = _PREFIX_SIZE + int.from_bytes(blob[4:8], "little")
-            sleepers = ring.append(bytes(blob[_PREFIX_SIZE:hlen]), bytes(blob[hlen:]))
-            if sleepers is not None:
-                self._ring_bells(sleepers)
-                return
-            # ring full (slow consumers): the file store takes it
         name = next_name(delay)
         if transaction is not None:
             with self._lock:

@@ -207,7 +207,7 @@ class Ring:
             if auto_ack:
                 head = self._advance(head, tail)
             self._set(head, tail, cursor)
-            if not out:
+            if len(out) < limit:  # drained: ask writers to ring our bell
                 self.set_sleeping(slot, True)
         return out
 

@@ -136,6 +136,20 @@ class Message:
     body: Any  # bytes, or a read-only numpy array backed by the mapped file
 
 
+def meta_json(
+    headers: dict[str, Any], exchange: str, routing_key: str, expires: float | None
+) -> bytes:
+    meta: dict[str, Any] = {"h": headers, "x": exchange, "r": routing_key}
+    if expires is not None:
+        meta["e"] = expires
+    try:
+        return json.dumps(meta, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"message headers for {routing_key or exchange!r} are not JSON: {exc}"
+        ) from exc
+
+
 def encode(
     body: bytes | memoryview,
     *,
