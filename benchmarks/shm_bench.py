@@ -7,7 +7,9 @@ Throughput: 8 MiB frames (2048x2048 uint16), the producer filling every frame
 in their own processes, zero-copy (reader checks the stamps in place) and
 copy-out (reader copies the frame into its own buffer, then checks).  Every
 delivered frame is verified before it is counted.  Rates are medians over
-0.5 s windows of a 3 s run.
+0.5 s windows of a 2 s run; the 1-reader runs and their peers go in 3 alternating
+rounds and the median round is shown, so a burst of load from other jobs on the
+machine hits every contender rather than one.
 
 Latency: 64-byte frames, one every 200 us (busy-polling reader) or 2 ms
 (blocked reader, asleep in the kernel), measured from the producer's
@@ -38,10 +40,17 @@ import numpy as np
 
 SHAPE = (2048, 2048)
 NBYTES = SHAPE[0] * SHAPE[1] * 2
-RUN = 3.0
+RUN = 2.0
 WINDOW = 0.5
+ROUNDS = 3
 CTX = mp.get_context("spawn")
 END = 0xFFFFFFFFFFFFFFFF
+
+
+def median_round(results: list[dict[str, float]]) -> dict[str, float]:
+    """The round with the median frames/s (its other figures stay consistent with it)."""
+    ordered = sorted(results, key=lambda x: x["fps"])
+    return ordered[len(ordered) // 2]
 
 
 def uniq(prefix: str) -> str:
@@ -646,24 +655,39 @@ def main() -> int:
     print(f"beampipe-shm benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"8 MiB frames ({SHAPE[0]}x{SHAPE[1]} uint16), medians of {WINDOW} s windows")
     r: dict[str, dict[str, float] | None] = {}
-    r["memcpy"] = bench_memcpy(hot=False)
-    show("numpy copy, main memory (bandwidth limit)", r["memcpy"])
+    # The headline pairs run in alternating rounds and report the median round, so a burst
+    # of load from other jobs hits every contender instead of just one of them.
+    rounds: list[tuple[str, str, str | None, Callable[[], dict[str, float]]]] = [
+        ("memcpy", "numpy copy, main memory (bandwidth limit)", None, lambda: bench_memcpy(False)),
+        ("bp-1-zc", "beampipe 1 reader zero-copy", None, lambda: bench_beampipe(1, False)),
+        ("iox-zc", "iceoryx2 1 reader zero-copy", "iceoryx2", lambda: bench_iceoryx2(False)),
+        ("bp-1-copy", "beampipe 1 reader copy-out", None, lambda: bench_beampipe(1, True)),
+        ("iox-copy", "iceoryx2 1 reader copy-out", "iceoryx2", lambda: bench_iceoryx2(True)),
+        ("zmq", "pyzmq ipc:// 1 reader (recv copy=False)", "zmq", lambda: bench_zmq(False)),
+        ("shmx", "shmx 1 reader (latest frame)", "shmx", bench_shmx),
+    ]
+    got: dict[str, list[dict[str, float]]] = {key: [] for key, *_ in rounds}
+    for _ in range(ROUNDS):
+        for key, label, module, fn in rounds:
+            if module is None:
+                got[key].append(fn())
+            elif not (got[key] == [] and key in r):  # a peer that failed once is not retried
+                res = peer(label, module, fn)
+                if res is None:
+                    r[key] = None
+                else:
+                    got[key].append(res)
+    print(f"producer fills every frame (copy of an image + stamps); median of {ROUNDS} rounds")
+    for key, label, _, _ in rounds:
+        if got[key]:
+            r[key] = median_round(got[key])
+            show(label, r[key])
     r["memcpy-hot"] = bench_memcpy(hot=True)
     show("numpy copy, cache-hot 8 MiB (for reference)", r["memcpy-hot"])
-    print("producer fills every frame (copy of an image + stamps)")
-    for readers in (1, 2):
-        for copy in (False, True):
-            key = f"bp-{readers}-{'copy' if copy else 'zc'}"
-            r[key] = bench_beampipe(readers, copy)
-            show(f"beampipe {readers} reader(s) {'copy-out' if copy else 'zero-copy'}", r[key])
-    r["iox-zc"] = peer("iceoryx2 1 reader zero-copy", "iceoryx2", lambda: bench_iceoryx2(False))
-    show("iceoryx2 1 reader zero-copy", r["iox-zc"])
-    r["iox-copy"] = peer("iceoryx2 1 reader copy-out", "iceoryx2", lambda: bench_iceoryx2(True))
-    show("iceoryx2 1 reader copy-out", r["iox-copy"])
-    r["zmq"] = peer("pyzmq ipc:// 1 reader (recv copy=False)", "zmq", lambda: bench_zmq(False))
-    show("pyzmq ipc:// 1 reader (recv copy=False)", r["zmq"])
-    r["shmx"] = peer("shmx 1 reader (latest frame)", "shmx", bench_shmx)
-    show("shmx 1 reader (latest frame)", r["shmx"])
+    for copy in (False, True):
+        key = f"bp-2-{'copy' if copy else 'zc'}"
+        r[key] = bench_beampipe(2, copy)
+        show(f"beampipe 2 readers {'copy-out' if copy else 'zero-copy'} (per reader)", r[key])
     print("transport only (producer writes just the stamps)")
     r["bp-1-zc-bare"] = bench_beampipe(1, False, fill=False)
     show("beampipe 1 reader zero-copy", r["bp-1-zc-bare"])

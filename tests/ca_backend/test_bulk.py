@@ -185,3 +185,13 @@ def test_one_libca_and_one_context_shared_with_pyepics():
     ctx = context()
     assert epics.ca.libca._name == path.get_lib("ca")
     assert ctx.ctx == epics.ca.initial_context
+
+
+def test_one_bulk_call_across_two_iocs(ioc, bank_ioc):
+    names = [ioc.pv("long"), bank_ioc.pv("s3"), ioc.pv("wf_short"), ioc.pv("str")]
+    got = beampipe_ca.bulk_get(names, timeout=10)
+    assert list(got) == names  # the caller's order, whatever the wire order was
+    assert got[ioc.pv("long")] == 42
+    assert got[bank_ioc.pv("s3")] == 3.0
+    assert isinstance(got[ioc.pv("wf_short")], np.ndarray)
+    assert got[ioc.pv("str")] == "hello"

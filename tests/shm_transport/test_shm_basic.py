@@ -441,7 +441,7 @@ def test_a_lease_taken_during_the_claim_wins(shm_name: str) -> None:
         held = r.read(timeout=0)
         assert held is not None
         real_scan = p._scan
-        p._scan = lambda: (set(), -1)  # type: ignore[method-assign]  # a stale snapshot
+        p._scan = lambda: (set(), -1, -1)  # type: ignore[method-assign]  # a stale snapshot
         try:
             for i in range(2, 8):
                 fill(p, i)
@@ -465,3 +465,113 @@ def test_control_messages_of_a_reader_that_closed_are_still_delivered(shm_name: 
         assert inspect(shm_name).readers == []
         assert inspect(shm_name).reclaimed == 0  # a clean close is not a death
         Reader(shm_name).close()  # the record is free again
+
+
+def test_frame_metadata_set_inside_the_block(shm_name: str) -> None:
+    with one(shm_name) as p, Reader(shm_name, mode="every", copy=True) as r:
+        with p.frame() as f:
+            f["img"][...] = 1
+            f.frame_id = 12345
+            f.timestamp = 1.5e9
+            f.attrs["roi"] = [0, 0, 4, 4]
+            assert f.publish() == 1  # publishing inside the block is fine too
+        with p.frame(timestamp=2.0e9) as f:
+            f["img"][...] = 2
+        a, b = r.read(timeout=0), r.read(timeout=0)
+        assert a is not None
+        assert b is not None
+        assert (a.frame_id, a.timestamp, a.attrs) == (12345, 1.5e9, {"roi": [0, 0, 4, 4]})
+        assert (b.frame_id, b.timestamp) == (2, 2.0e9)
+
+
+def test_garbage_or_empty_leftovers_are_reported_and_replaced(shm_name: str) -> None:
+    path = f"/dev/shm/bp.{shm_name}"
+    with open(path, "wb") as fh:
+        fh.write(b"not a segment" * 1000)
+    with pytest.raises(StreamNotFound, match="not a beampipe-shm v1 segment"):
+        Reader(shm_name)
+    with one(shm_name) as p:  # nobody holds its lock: stale, removed, replaced
+        assert p.frames_published == 0
+        assert Reader(shm_name).schema == p.schema
+    open(path, "wb").close()  # empty, as a producer killed between create and lock leaves it
+    old = time.time() - 10
+    os.utime(path, (old, old))
+    with pytest.raises(StreamNotFound, match="being created"):
+        Reader(shm_name)
+    with one(shm_name, mode=0o640) as p:
+        assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+def test_schema_change_across_a_restart_is_an_error_for_a_reader_that_expects(
+    shm_name: str,
+) -> None:
+    with one(shm_name):
+        r = Reader(shm_name, expect=[IMG])
+        loose = Reader(shm_name)
+    other = StreamSpec("img", "float32", (8, 6))
+    with Producer(shm_name, [other]) as p2:
+        with pytest.raises(SchemaMismatch, match="float32"):
+            r.read(timeout=0.5)
+        p2.publish(np.ones((8, 6), np.float32))
+        f = loose.read(timeout=2)  # no expectations: follows the new schema
+        assert f is not None
+        assert f["img"].dtype == np.float32
+        assert loose.schema.streams[0].dtype == np.float32
+        f.release()
+    r.close()
+    loose.close()
+
+
+def test_cli_lists_streams(shm_name: str) -> None:
+    with one(shm_name) as p:
+        fill(p, 1)
+        out = subprocess.run(
+            [sys.executable, "-m", "beampipe_shm._cli", "list"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    line = next(x for x in out.stdout.splitlines() if x.startswith(shm_name))
+    assert f"pid {os.getpid()}" in line
+    assert "1 frames" in line
+
+
+def test_slot_choice_keeps_history_unread_and_reuses_the_hot_slot_when_read(
+    shm_name: str,
+) -> None:
+    with one(shm_name, slots=4) as p:
+        for i in range(1, 7):
+            fill(p, i)
+        # nobody was reading: oldest-first, so a late reader still finds slots-worth of history
+        with Reader(shm_name, mode="every", start="oldest", copy=True) as r:
+            got = [f.seq for f in iter(lambda: r.read(timeout=0), None)]
+            assert got == [3, 4, 5, 6]
+            # a reader that keeps up: the producer rewrites the slot it just read (in cache)
+            slots = set()
+            for i in range(7, 13):
+                fill(p, i)
+                slots.add(p._latest_k)
+                f = r.read(timeout=0)
+                assert f is not None
+                assert (f.seq, int(f["img"][0, 0])) == (i, i)
+            assert len(slots) == 1
+            # a reader that falls behind gets slots - 1 frames of slack, oldest overwritten first
+            for i in range(13, 17):
+                fill(p, i)
+            got = [f.seq for f in iter(lambda: r.read(timeout=0), None)]
+            assert got == [13, 14, 15, 16]
+
+
+def test_ring_reuse_keeps_history_even_while_readers_keep_up(shm_name: str) -> None:
+    with one(shm_name, slots=4, reuse="ring") as p, Reader(shm_name, copy=True) as live:
+        slots = set()
+        for i in range(1, 9):
+            fill(p, i)
+            slots.add(p._latest_k)
+            assert live.read(timeout=0) is not None
+        assert len(slots) == 4
+        with Reader(shm_name, mode="every", start="oldest", copy=True) as late:
+            assert [f.seq for f in iter(lambda: late.read(timeout=0), None)] == [5, 6, 7, 8]
+    with pytest.raises(ValueError, match="reuse"):
+        one(shm_name, reuse="lru")

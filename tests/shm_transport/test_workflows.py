@@ -133,6 +133,21 @@ def test_clear_errors_before_connect_and_after_disconnect(namespace: str) -> Non
         t.send("some.queue", "late")
 
 
+def test_reconnect_after_disconnect(connect: Any, namespace: str) -> None:
+    tx = connect()
+    rx = ShmTransport(namespace=namespace, janitor_interval=5)  # poll timeouts: 1 s
+    for round_ in range(2):
+        rx.connect()
+        inbox = Inbox()
+        rx.subscribe("again", inbox)
+        time.sleep(0.2)  # the consumer is asleep: only the writer's bell can wake it
+        start = time.monotonic()
+        tx.send("again", round_)
+        assert inbox.wait(1)[0][1] == round_
+        assert time.monotonic() - start < 0.3, "woken by the bell, not by a timeout"
+        rx.disconnect()
+
+
 def test_bad_names_and_arguments_name_the_queue(connect: Any) -> None:
     t = connect()
     with pytest.raises(ValueError, match="'a/b'"):
@@ -228,6 +243,48 @@ def test_dead_consumer_recovered_when_next_process_connects(namespace: str, conn
         # No consumer is running: the next process to connect returns the message.
         later = connect()
         assert later.queue_depth("work") == 1
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("when", ["before-commit", "after-log"])
+def test_transaction_is_all_or_nothing_across_sigkill(
+    namespace: str, connect: Any, when: str
+) -> None:
+    spec = {
+        "kind": "shm",
+        "namespace": namespace,
+        "mode": "txcrash",
+        "queue": "txjobs",
+        "reply": "txdone",
+        "when": when,
+    }
+    worker = subprocess.Popen(
+        [sys.executable, str(HERE / "transport_conformance.py"), "worker", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert json.loads(worker.stdout.readline())["ready"]
+        client = connect()
+        client.send("txjobs", "job-1")
+        assert worker.wait(15) == -signal.SIGKILL
+        jobs, done = Inbox(), Inbox()
+        client.subscribe("txdone", done)
+        client.subscribe("txjobs", jobs, acknowledgement=True)
+        time.sleep(1.0)  # > janitor interval: the dead worker has been recovered
+        if when == "before-commit":  # nothing happened: the job comes back, no reply
+            [(h, m)] = jobs.wait(1)
+            assert m == "job-1" and h["redelivered"] is True
+            assert done.items == []
+        else:  # committed: the reply exists and the job stays acknowledged
+            [(_, m)] = done.wait(1)
+            assert m == {"done": "job-1"}
+            assert jobs.items == []
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -627,6 +627,24 @@ def worker(spec: dict[str, Any]) -> None:
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if mode == "txcrash":
+        # Die inside a transaction: before commit, or after the redo log is written but
+        # before it is applied (ShmTransport only: it patches the transport's _apply).
+        sid = 0
+
+        def on_job(header: dict[str, Any], message: Any) -> None:
+            txn = t.transaction_begin(subscription_id=sid)
+            t.ack(header, transaction=txn)
+            t.send(spec["reply"], {"done": message}, transaction=txn)
+            if spec["when"] == "after-log":
+                t._apply = lambda manifest: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[attr-defined]
+                t.transaction_commit(txn)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        sid = t.subscribe(queue, on_job, acknowledgement=True)
+        _emit({"ready": True})
+        stop.wait(120)
+        return
 
     def on_message(header: dict[str, Any], message: Any) -> None:
         _emit({"message": message, "redelivered": header["redelivered"]})

@@ -148,8 +148,9 @@ def fetch_metadata(pvs: Iterable[Any], timeout: float) -> list[dict[str, Any] | 
     pairs = [_time_ctrl_keys(pv) for pv in pvs]
     flat = [k for pair in pairs if pair is not None for k in pair]
     ctx = ca_context()
-    results = ctx.reads.get_many("aug", flat, timeout, route=lambda k: ctx.route(k[0]))
-
+    results = (
+        ctx.reads.get_many("aug", flat, timeout, route=lambda k: ctx.route(k[0])) if flat else {}
+    )
     out: list[dict[str, Any] | str] = []
     for pv, pair in zip(pvs, pairs, strict=True):
         if pair is None:

@@ -47,7 +47,17 @@ class WritableFrame:
     ``with`` block: after it the slot belongs to readers and, later, to the next frame.
     """
 
-    __slots__ = ("_arrays", "_done", "_k", "_producer", "_rows", "attrs", "frame_id", "seq")
+    __slots__ = (
+        "_arrays",
+        "_done",
+        "_k",
+        "_producer",
+        "_rows",
+        "attrs",
+        "frame_id",
+        "seq",
+        "timestamp",
+    )
 
     def __init__(
         self,
@@ -66,6 +76,7 @@ class WritableFrame:
         self._rows = rows
         self.frame_id = frame_id
         self.attrs = attrs
+        self.timestamp: float | None = None  # epoch seconds; None: the time of publishing
         self._done = False
 
     @property
@@ -92,7 +103,8 @@ class WritableFrame:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
-            self.publish()
+            if not self._done:  # (unless publish() was called inside the block)
+                self.publish()
         else:
             self.abort()
 
@@ -101,7 +113,7 @@ class WritableFrame:
         if self._done:
             raise RuntimeError(f"stream {self._producer.name!r}: frame {self.seq} already finished")
         self._done = True
-        return self._producer._commit(self, timestamp)
+        return self._producer._commit(self, self.timestamp if timestamp is None else timestamp)
 
     def abort(self) -> None:
         if not self._done:
@@ -116,6 +128,14 @@ class Producer:
     dead reader only loses frames, counted), frames are written in place (no copy
     on either side) and a crash leaves nothing that the next producer of the same
     name does not clean up.
+
+    ``streams``: StreamSpecs (or a mapping name -> spec kwargs); ``slots``: frames in
+    the ring (leased frames included); ``max_readers``: reader records; ``attrs``:
+    static attributes carried in the schema; ``attrs_bytes``/``control_bytes``: room
+    for per-frame attributes and for each reader's control ring; ``mode``: file mode
+    of the segment; ``reuse``: ``"hot"`` (default: rewrite the slot readers just
+    finished with, still in cache) or ``"ring"`` (always the oldest frame: the most
+    history for readers that look frames up after the fact).
     """
 
     def __init__(
@@ -129,8 +149,12 @@ class Producer:
         attrs_bytes: int = 4096 - L.SLOT_FIXED,
         control_bytes: int = 4096 - L.R_CTRL_DATA,
         mode: int = 0o600,
+        reuse: str = "hot",
     ) -> None:
         self.name = L.check_name(name)
+        if reuse not in ("hot", "ring"):
+            raise ValueError(f"stream {name!r}: reuse must be 'hot' or 'ring', got {reuse!r}")
+        self.reuse = reuse
         self.schema = L.Schema.coerce(streams, attrs)
         if not isinstance(slots, int) or not 2 <= slots <= L.MAX_SLOTS:
             raise ValueError(f"stream {name!r}: slots must be 2..{L.MAX_SLOTS}, got {slots!r}")
@@ -341,10 +365,15 @@ class Producer:
         frame_id: int | None = None,
         attrs: Mapping[str, Any] | None = None,
         rows: Mapping[str, int] | None = None,
+        timestamp: float | None = None,
     ) -> WritableFrame:
         """Claim a slot to fill in place; use as ``with producer.frame() as f: f["img"][...] = x``.
 
-        ``rows`` gives the leading dimension of ``variable`` streams for this frame.
+        ``rows`` gives the leading dimension of ``variable`` streams for this frame;
+        ``frame_id`` (default: the sequence number), ``timestamp`` (default: the time of
+        publishing) and ``attrs`` may also be set on the frame inside the block.  When every
+        slot is leased the frame is written to scratch memory, ``dropped`` is True and the
+        drop is counted: the producer never waits.
         """
         if self._closed:
             raise RuntimeError(f"stream {self.name!r}: producer is closed")
@@ -357,6 +386,7 @@ class Producer:
         if row_counts:
             arrays = {n: (a[: row_counts[n]] if n in row_counts else a) for n, a in arrays.items()}
         wf = WritableFrame(self, k, seq, arrays, row_counts, frame_id, dict(attrs) if attrs else {})
+        wf.timestamp = timestamp
         self._open = wf
         return wf
 
@@ -392,14 +422,14 @@ class Producer:
             self._check_array(spec, a)
             if spec.variable:
                 rows[spec.name] = a.shape[0]
-        f = self.frame(frame_id=frame_id, attrs=attrs, rows=rows)
+        f = self.frame(frame_id=frame_id, attrs=attrs, rows=rows, timestamp=timestamp)
         try:
             for n, a in arrays.items():
                 np.copyto(f[n], a, casting="same_kind")
         except BaseException:
             f.abort()
             raise
-        return f.publish(timestamp)
+        return f.publish()
 
     def _check_array(self, spec: L.StreamSpec, a: np.ndarray[Any, Any]) -> None:
         where = f"stream {self.name!r} array {spec.name!r}"
@@ -438,27 +468,30 @@ class Producer:
             out[n] = int(r)
         return out
 
-    def _scan(self) -> tuple[set[int], int]:
-        """Slots leased by any registered reader, and how far every-frame readers have read.
+    def _scan(self) -> tuple[set[int], int, int]:
+        """Slots leased by any registered reader, and how far the readers have read.
 
-        The second value is the smallest ``last_seq`` of the every-frame readers (-1 if
-        there are none): slots holding frames up to it were read by all of them.  A plain
-        loop: for the usual handful of readers it is cheaper than a numpy reduction.
+        Returns (leased slots, smallest ``last_seq`` of the every-frame readers, smallest
+        ``last_seq`` of all readers); -1 where there is no such reader.  A plain loop: for
+        the usual handful of readers it is cheaper than a numpy reduction.
         """
         w = self._words
         leased: set[int] = set()
-        behind = -1
+        behind = behind_all = -1
         n = self.geometry.n_slots
         for rw in self._rec_word:
             if w[rw]:  # R_PID is word 0 of a record
-                if w[rw + L.R_MODE] == L.MODE_EVERY:
+                mode = w[rw + L.R_MODE]
+                if mode != L.MODE_CLOSED:
                     last = w[rw + L.R_LAST_SEQ]
-                    behind = last if behind < 0 else min(behind, last)
+                    behind_all = last if behind_all < 0 else min(behind_all, last)
+                    if mode == L.MODE_EVERY:
+                        behind = last if behind < 0 else min(behind, last)
                 base = rw + L.R_LEASES
                 for k in range(n):
                     if w[base + k]:
                         leased.add(k)
-        return leased, behind
+        return leased, behind, behind_all
 
     def _leased_now(self, k: int) -> bool:
         w = self._words
@@ -470,28 +503,43 @@ class Producer:
         return False
 
     def _claim(self, seq: int) -> int | None:
-        """Pick a slot nobody leases and mark it being written (odd sequence)."""
-        leased, behind = self._scan()
+        """Pick a slot nobody leases and mark it being written (odd sequence).
+
+        The order (docs/shm_transport.md, "Which slot"): the newest frame's slot if every
+        registered reader has read it (the hottest memory, and nobody needs that frame);
+        then slots every every-frame reader has read past, most recently written first;
+        then the oldest frame first (with no reader registered: the most history for one
+        that joins with ``start="oldest"``); the newest frame's slot as a last resort.
+        ``reuse="ring"`` always takes the oldest frame's slot instead: the most history, for
+        readers that come looking for a given frame after the fact.
+        """
+        leased, behind, behind_all = self._scan()
         latest = self._latest_k
         cands = [k for k in self._all_slots if k != latest and k not in leased]
         if not cands:
             self._reclaim(force=True)
-            leased, behind = self._scan()
+            leased, behind, behind_all = self._scan()
             cands = [k for k in self._all_slots if k != latest and k not in leased]
-        if len(cands) > 1:
-            # Slots every reader is done with: the most recently written first (still in
-            # cache).  Then, if every-frame readers lag, the oldest frame first: they get
-            # n_slots - 1 frames of slack before one is lost (and counted).
-            seqs = self._slot_seq
-            done = [k for k in cands if behind < 0 or seqs[k] <= behind]
-            done.sort(key=seqs.__getitem__, reverse=True)
-            if len(done) < len(cands):
-                rest = [k for k in cands if not (behind < 0 or seqs[k] <= behind)]
-                rest.sort(key=seqs.__getitem__)
-                done += rest
-            cands = done
+        seqs = self._slot_seq
+        if self.reuse == "ring":  # history first: always the oldest frame
+            cands.sort(key=seqs.__getitem__)
+            behind_all = -1
+        elif len(cands) > 1:
+            if behind_all < 0:  # nobody reads: keep history, overwrite the oldest
+                cands.sort(key=seqs.__getitem__)
+            else:
+                done = [k for k in cands if behind < 0 or seqs[k] <= behind]
+                done.sort(key=seqs.__getitem__, reverse=True)
+                if len(done) < len(cands):
+                    rest = [k for k in cands if not (behind < 0 or seqs[k] <= behind)]
+                    rest.sort(key=seqs.__getitem__)
+                    done += rest
+                cands = done
         if latest >= 0 and latest not in leased:
-            cands.append(latest)  # last resort: replace the newest frame, not drop one
+            if behind_all >= seqs[latest]:
+                cands.insert(0, latest)  # every reader has it: rewrite it while it is hot
+            else:
+                cands.append(latest)  # last resort: replace the newest frame, not drop one
         w = self._words
         for k in cands:
             sw = self._slot_word[k]

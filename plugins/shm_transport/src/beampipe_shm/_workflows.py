@@ -416,6 +416,7 @@ class ShmTransport(CommonTransport):
             if self._inotify is not None:
                 self._inotify.close()
                 self._inotify = None
+            self._bell_wd = -1
             if self._wake_fd >= 0:
                 os.close(self._wake_fd)
                 self._wake_fd = -1
@@ -432,7 +433,7 @@ class ShmTransport(CommonTransport):
         if self._inotify is not None:
             with contextlib.suppress(OSError):
                 self._inotify.close()
-        self._lock_fd = self._wake_fd = -1
+        self._lock_fd = self._wake_fd = self._bell_wd = -1
         for ring in self._rings.values():
             with contextlib.suppress(OSError):
                 os.close(ring.fd)
@@ -618,7 +619,8 @@ class ShmTransport(CommonTransport):
     ) -> None:
         """Create ``queue`` with its delivery limit and dead-letter queue.
 
-        ``dead_letter_queue=""`` (default) means ``dlq.<queue>``, None disables dead-lettering
+        ``dead_letter_queue=""`` (default) means ``dlq.<queue>`` (none for ``dlq.*`` queues
+        themselves), None disables dead-lettering
         (rejected or over-delivered messages are then dropped, as RabbitMQ does without a
         dead-letter exchange).  Undeclared queues are created on first use with the
         transport's ``--shm-delivery-limit`` and ``dlq.<queue>``.
@@ -629,8 +631,8 @@ class ShmTransport(CommonTransport):
             not isinstance(delivery_limit, int) or delivery_limit < 0
         ):
             raise ValueError(f"delivery_limit of {queue!r} must be an int >= 0 or None")
-        if dead_letter_queue == "":
-            dead_letter_queue = f"dlq.{queue}"
+        if dead_letter_queue == "":  # a dead-letter queue has none of its own
+            dead_letter_queue = None if queue.startswith("dlq.") else f"dlq.{queue}"
         if dead_letter_queue is not None:
             validate_name(dead_letter_queue)
             store.ensure_queue(dead_letter_queue, QueueConfig(None, None))
@@ -1276,15 +1278,19 @@ class ShmTransport(CommonTransport):
                 self._dead_letter_message(sub.queue, "expired", meta, rec.body)
                 continue
             self._dispatch(sub, meta, rec.body, rec.returns, tag)
-        return len(records) == limit
+        # Anything caught: come back (without sleeping) until a claim finds the ring empty,
+        # which is what arms the writers' bell.
+        return bool(records)
 
     def _deliver(self, sub: _Sub) -> bool:
         """Deliver up to a batch from ``sub``'s queue; True if more may be waiting."""
         store = self._store
         if store is None:
             return False
-        if self._deliver_ring(sub):
-            return True
+        # Ring first, then files (overflow, delayed, requeued-from-file): neither starves.
+        return self._deliver_ring(sub) | self._deliver_files(sub, store)
+
+    def _deliver_files(self, sub: _Sub, store: Store) -> bool:
         for _ in range(_BATCH):
             if not sub.active or self._stopping:
                 return False

@@ -207,7 +207,7 @@ class Ring:
             if auto_ack:
                 head = self._advance(head, tail)
             self._set(head, tail, cursor)
-            if len(out) < limit:  # drained: ask writers to ring our bell
+            if not out:  # drained: ask writers to ring our bell (callers retry after a catch)
                 self.set_sleeping(slot, True)
         return out
 
