@@ -115,8 +115,9 @@ class Coalescer(Generic[K, V]):
         deadline = self._clock() + timeout
         waiter: _SyncWaiter[K, V] = _SyncWaiter()
         self._submit(op, keys, deadline, route, waiter)
-        if waiter.remaining:
-            self._pump()
+        if not waiter.remaining:
+            return waiter.results
+        self._pump()
         if not waiter.event.wait(max(0.0, deadline - self._clock())):
             self._expire()
             waiter.event.wait()  # _expire resolved what was left, or results raced in

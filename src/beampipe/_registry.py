@@ -8,6 +8,7 @@ knows how to swap those in, so plugins only declare entry points.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -142,7 +143,13 @@ class _RoutingLayer(types.SimpleNamespace):
         )
 
     def get_pv(self, pvname: str, *args: Any, **kwargs: Any) -> Any:
-        return self._layer_for(pvname).get_pv(pvname, *args, **kwargs)
+        layer = self._layer_for(pvname)
+        pv = layer.get_pv(pvname, *args, **kwargs)
+        # Remember who made it: release must reach that layer even after use()/reset()
+        # changed the routing (ophyd releases PVs from finalizers, at any time).
+        with contextlib.suppress(AttributeError):
+            pv._beampipe_layer = layer
+        return pv
 
     def caget(self, pvname: str, *args: Any, **kwargs: Any) -> Any:
         return self._layer_for(pvname).caget(pvname, *args, **kwargs)
@@ -152,7 +159,10 @@ class _RoutingLayer(types.SimpleNamespace):
 
     def release_pvs(self, *pvs: Any) -> None:
         for pv in pvs:
-            self._layer_for(getattr(pv, "pvname", "")).release_pvs(pv)
+            layer = getattr(pv, "_beampipe_layer", None)
+            if layer is None:
+                layer = self._layer_for(getattr(pv, "pvname", ""))
+            layer.release_pvs(pv)
 
 
 def _install_control_layer(name: str, layer: Any) -> None:

@@ -195,3 +195,41 @@ def test_one_bulk_call_across_two_iocs(ioc, bank_ioc):
     assert got[bank_ioc.pv("s3")] == 3.0
     assert isinstance(got[ioc.pv("wf_short")], np.ndarray)
     assert got[ioc.pv("str")] == "hello"
+
+
+def test_concurrent_bulk_reads_from_threads_all_correct(bank_ioc, ioc):
+    """Sync bulk reads share ca_pend_io (context-wide): many threads at once must not mix up."""
+    scalars = [bank_ioc.pv(f"s{i}") for i in range(BANK_SIZE)]
+    mixed = [ioc.pv("long"), ioc.pv("str"), ioc.pv("wf_short"), *scalars[:10]]
+    assert beampipe_ca.connect(scalars + mixed, timeout=20) == []
+    expected = {n: float(i) for i, n in enumerate(scalars)}
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        for _ in range(20):
+            names = scalars if k % 2 else mixed
+            got = beampipe_ca.bulk_get(names, timeout=10)
+            for name in names:
+                if name in expected and got[name] != expected[name]:
+                    errors.append(f"{name}: {got[name]!r}")
+            if k % 2 == 0 and (got[ioc.pv("long")], got[ioc.pv("str")]) != (42, "hello"):
+                errors.append(f"mixed batch: {got[ioc.pv('long')]!r}, {got[ioc.pv('str')]!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:5]
+
+
+def test_ctrl_metadata_of_strings_and_arrays(ioc):
+    names = [ioc.pv("str"), ioc.pv("wf_double"), ioc.pv("long")]
+    got = beampipe_ca.bulk_read(names, timeout=10, ctrl=True)
+    text, wave, long = (got[n] for n in names)
+    assert text is not None and text.value == "hello" and text.ctrl is not None
+    assert "severity" in text.ctrl  # strings have no DBR_CTRL: the time form stands in
+    assert wave is not None and isinstance(wave.value, np.ndarray) and wave.ctrl is not None
+    assert "upper_disp_limit" in wave.ctrl
+    assert long is not None and long.value == 42 and long.ctrl is not None
+    assert "precision" not in long.ctrl  # integers carry no precision

@@ -143,3 +143,11 @@ def test_bad_timeout_is_refused(server: FakeServer, timeout: Any) -> None:
     c: Coalescer[str, str] = Coalescer(server)
     with pytest.raises(ValueError, match="timeout"):
         c.get("read", "A", timeout=timeout)
+
+
+def test_no_keys_returns_at_once(server: FakeServer) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    t0 = time.perf_counter()
+    assert c.get_many("read", [], timeout=5) == {}
+    assert time.perf_counter() - t0 < 0.5
+    assert server.batches == []

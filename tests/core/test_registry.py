@@ -101,6 +101,29 @@ def test_pva_names_go_to_the_pva_layer_and_the_rest_stay_where_they_were(
         ophyd.cl.caput("pva://BPFAKE:x", 1)
 
 
+def test_a_pv_is_released_by_the_layer_that_made_it_even_after_reset(fake_plugin: Path) -> None:
+    import bp_fake_pva_layer
+    import ophyd
+
+    released: list[object] = []
+
+    class Pv:
+        pvname = "pva://BPFAKE:x"
+
+    def get_pv(pvname: str, *args: object, **kwargs: object) -> Pv:
+        return Pv()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bp_fake_pva_layer, "get_pv", get_pv)
+        mp.setattr(bp_fake_pva_layer, "release_pvs", lambda *pvs: released.extend(pvs))
+        beampipe.use("bp-fake-pva")
+        routing = ophyd.cl
+        pv = routing.get_pv("pva://BPFAKE:x")
+        beampipe.reset()  # pva:// has no layer now, but the PV still knows its maker
+        routing.release_pvs(pv)
+    assert released == [pv]
+
+
 def test_protocol_of() -> None:
     assert beampipe.protocol_of("pva://A:b") == "pva"
     assert beampipe.protocol_of("ca://A:b") == "ca"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from beampipe_shm import Producer, Reader, StreamSpec
+from beampipe_shm import Producer, Reader, StreamSpec, inspect
 
 
 def say(**msg: Any) -> None:
@@ -35,6 +35,7 @@ def produce(
     wait_readers: int = 0,
     linger: float = 0.0,
     close: bool = True,
+    reclaim_after: float = 0.0,
 ) -> None:
     """Publish n frames whose every element is the frame's sequence number."""
     p = Producer(name, spec(shape), slots=slots, attrs={"who": "agent"})
@@ -54,14 +55,16 @@ def produce(
             t_next += period
             time.sleep(max(0.0, t_next - time.monotonic()))
     say(event="done", published=p.frames_published, dropped=p.dropped)
+    if reclaim_after:
+        time.sleep(reclaim_after)
+        p.reclaim_dead_readers()
+        say(event="reclaimed", total=inspect(name).reclaimed)
     time.sleep(linger)
     if close:
         p.close()
 
 
 def _readers(name: str) -> list[int]:
-    from beampipe_shm import inspect
-
     return [r.pid for r in inspect(name).readers]
 
 

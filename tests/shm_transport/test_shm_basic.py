@@ -575,3 +575,20 @@ def test_ring_reuse_keeps_history_even_while_readers_keep_up(shm_name: str) -> N
             assert [f.seq for f in iter(lambda: late.read(timeout=0), None)] == [5, 6, 7, 8]
     with pytest.raises(ValueError, match="reuse"):
         one(shm_name, reuse="lru")
+
+
+def test_bad_frame_metadata_aborts_the_frame_with_a_clear_error(shm_name: str) -> None:
+    with one(shm_name) as p, Reader(shm_name, mode="every", copy=True) as r:
+        with pytest.raises(ValueError, match=f"{shm_name}.*JSON"), p.frame(attrs={"x": object()}):
+            pass
+        with pytest.raises(ValueError, match="frame_id"), p.frame(frame_id="seven"):  # type: ignore[arg-type]
+            pass
+        with pytest.raises(ValueError, match="64 bits"), p.frame(frame_id=2**64):
+            pass
+        assert r.read(timeout=0) is None  # nothing half-published
+        assert fill(p, 1) == 1  # and the sequence has no hole
+        assert r.read(timeout=0).seq == 1  # type: ignore[union-attr]
+        with pytest.raises(ValueError, match="timeout"):
+            r.read(timeout=-1)
+        with pytest.raises(ValueError, match="max_messages"):
+            p.poll_control(0)

@@ -65,12 +65,6 @@ async def test_publish_signal_streams_every_update(shm_name: str) -> None:
         producer.close()
 
 
-# The RunEngine starts bluesky's process-wide event-loop thread "bluesky-run-engine" on first
-# use; it is not ours to stop (the lead is asked to list it in beampipe_allowed_threads).
-RUN_ENGINE_THREAD = pytest.mark.allow_leaks("threads")
-
-
-@RUN_ENGINE_THREAD
 def test_frame_callback_publishes_the_scan(shm_name: str, run_engine: Any) -> None:
     from bluesky.plans import count
     from bluesky.run_engine import call_in_bluesky_event_loop
@@ -96,7 +90,6 @@ def test_frame_callback_publishes_the_scan(shm_name: str, run_engine: Any) -> No
     assert call_in_bluesky_event_loop(cam.image.get_value()).shape == (8, 8)
 
 
-@RUN_ENGINE_THREAD
 def test_demo_step_streams_the_scan_to_a_consumer(ioc_factory: Any, run_engine: Any) -> None:
     import beampipe
     from beampipe.demo import DemoContext

@@ -277,3 +277,41 @@ def test_producer_process_exiting_without_close_removes_its_segment(
     prod.expect("done")
     assert prod.wait() == 0
     assert not os.path.exists(f"/dev/shm/bp.{shm_name}")
+
+
+def test_stress_many_readers_while_one_is_killed(shm_name: str, agents: Any) -> None:
+    """Bounded stress: a producer that never waits, six readers of every kind, one of them
+    holding leases and then SIGKILLed mid-run. Every frame any reader got is whole, in order
+    and accounted for; the dead reader's slots come back."""
+    readers = [
+        agents("read", name=shm_name, mode="every", copy=False, seconds=30),
+        agents("read", name=shm_name, mode="every", copy=True, seconds=30, delay=0.0002),
+        agents("read", name=shm_name, mode="latest", copy=False, seconds=30),
+        agents("read", name=shm_name, mode="latest", copy=True, seconds=30, delay=0.001),
+    ]
+    holder = agents("hold", name=shm_name, count=2)
+    prod = agents(
+        "produce",
+        name=shm_name,
+        n=30000,
+        shape=[64, 64],
+        slots=6,
+        wait_readers=5,
+        reclaim_after=0.5,
+    )
+    prod.expect("ready", timeout=30)
+    for r in readers:
+        r.expect("ready", timeout=30)
+    holder.expect("ready", timeout=30)
+    holder.kill()
+    done = prod.expect("done", timeout=60)
+    assert done["published"] == 30000
+    assert prod.expect("reclaimed", timeout=30)["total"] == 1  # the killed holder, and only it
+    for r in readers:
+        res = r.expect("done", timeout=60)
+        seqs, missed = res["seqs"], res["missed"]
+        assert res["bad"] == 0
+        assert seqs == sorted(set(seqs))
+        assert seqs[-1] == 30000
+        for prev, cur, m in zip(seqs, seqs[1:], missed[1:], strict=False):
+            assert cur - prev - 1 == m

@@ -18,7 +18,10 @@ from beampipe_shm import Frame, Producer, Reader, StreamSpec  # noqa: E402
 
 _names = itertools.count()
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150,
+    deadline=None,
+    database=None,  # nothing written into the work tree
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 dtypes = st.one_of(

@@ -4,8 +4,9 @@ Why not pyepics or aioca for the reads: both spend a Python round of work per
 PV per request (pyepics polls, aioca wakes the event loop once per reply).
 Here a batch is N ``ca_array_get_callback`` calls and one ``ca_flush_io``; the
 replies land on libca's receive thread, which decodes them and completes the
-batch when the last one is in.  The caller waits on a lock with the GIL
-released.
+batch when the last one is in.  A blocking bulk read of scalars goes further:
+``ca_array_get`` straight into numpy record arrays and one ``ca_pend_io``, so
+no Python runs per reply at all.  Callers wait with the GIL released.
 
 There is exactly one libca in the process (epicscorelibs' build, the one
 aioca uses and the one pyepics uses once ``PYEPICS_LIBCA`` points at it) and
@@ -24,6 +25,7 @@ import struct
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -200,6 +202,7 @@ class Channel:
         "_waiters",
         "chid",
         "connected",
+        "copyable",
         "count",
         "decoders",
         "generation",
@@ -217,6 +220,8 @@ class Channel:
         self.connected = threading.Event()
         #: Same as ``connected.is_set()``, as a plain attribute for the per-PV hot paths.
         self.up = False
+        #: Up, one element, of a type the ``ca_pend_io`` scalar path decodes.
+        self.copyable = False
         self.native = -1
         self.count = 0
         self.host = ""
@@ -262,6 +267,7 @@ class ForeignChannel(Channel):
     def __init__(self, key: str, chid: int, lib: ctypes.CDLL) -> None:
         # Not Channel.__init__: type, count, host and generation are live properties here.
         self.name, self.lib, self.dead = key, lib, False
+        self.copyable = False  # read through the callback path only
         self.listeners = []
         self._waiters = []
         self.decoders = {}
@@ -361,6 +367,7 @@ class _Context:
         )(("ca_array_get", self.lib))
         self.lib.ca_pend_io.argtypes = [ctypes.c_double]
         self._pend_lock = threading.Lock()
+        self._pend_buffers: dict[tuple[int, int], tuple[np.ndarray[Any, Any], int]] = {}
         self._lock = threading.Lock()
         self._foreign_lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
@@ -491,6 +498,7 @@ class _Context:
                 chan.count = self.lib.ca_element_count(args.chid)
                 chan.host = (self.lib.ca_host_name(args.chid) or b"").decode(errors="replace")
                 chan.generation += 1
+                chan.copyable = chan.count == 1 and chan.native in _TIME_LAYOUT
                 chan.up = True
                 chan.connected.set()
                 waiters, chan._waiters = chan._waiters, []
@@ -498,7 +506,7 @@ class _Context:
                     if not loop.is_closed():
                         loop.call_soon_threadsafe(_set_none, fut)
             else:
-                chan.up = False
+                chan.up = chan.copyable = False
                 chan.connected.clear()
                 logger.info("%s: disconnected from %s", chan.name, chan.host)
             for listener in list(chan.listeners):
@@ -640,20 +648,21 @@ class _Context:
         """
         scalars: list[Channel] = []
         rest: list[str] = []
-        python_thread = not isinstance(threading.current_thread(), threading._DummyThread)
-        for name in names:
-            chan = self._channels.get(name)
-            if (
-                python_thread
-                and chan is not None
-                and chan.up
-                and chan.count == 1
-                and chan.native in _TIME_LAYOUT
-                and type(chan) is Channel
-            ):
-                scalars.append(chan)
-            else:
-                rest.append(name)
+        groups: dict[int, list[Channel]] = {}
+        if isinstance(threading.current_thread(), threading._DummyThread):
+            rest = list(names)
+        else:
+            get = self._channels.get
+            for name in names:
+                chan = get(name)
+                if chan is not None and chan.copyable:
+                    group = groups.get(chan.native)
+                    if group is None:
+                        group = groups[chan.native] = []
+                    group.append(chan)
+                    scalars.append(chan)
+                else:
+                    rest.append(name)
         if not scalars:
             return _split(self.read_now(rest, timeout, self.io.plans["time"]), readings)
         deadline = time.monotonic() + timeout
@@ -661,38 +670,42 @@ class _Context:
         state = self._issue(rest, lambda _r: done.set(), self.io.plans["time"]) if rest else None
         ok: dict[str, Any] = {}
         failed: dict[str, str] = {}
+
         # One numpy record array per native type, laid out exactly as DBR_TIME_<type>:
-        # libca writes each reply into its record, numpy decodes them all at once.
-        groups: dict[int, list[Channel]] = {}
-        for chan in scalars:
-            groups.setdefault(chan.native, []).append(chan)
-        arrays: list[tuple[int, list[Channel], np.ndarray[Any, Any]]] = []
+        # libca writes each reply into its record, numpy decodes them all at once.  The
+        # arrays are reused (only one batch uses this path at a time: _pend_lock).
+        decoded: list[tuple[int, list[Channel], list[Any], list[int], Any]] = []
         with self._pend_lock:
             self.attach()
             self.batches_issued += 1
             get = self.queue_get_copy
             for native, chans in groups.items():
-                dtype = _TIME_DTYPES[native]
-                records = np.zeros(len(chans), dtype)
-                records["severity"] = -1  # a value no IOC sends: "no reply landed here"
-                base, size, dbrcode = records.ctypes.data, dtype.itemsize, native + 14
+                records, base = self._pend_records(native, len(chans))
+                records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
+                size, dbrcode = records.dtype.itemsize, native + 14
                 for i, chan in enumerate(chans):
                     status = get(dbrcode, 1, chan.chid, base + i * size)
                     if status != ECA_NORMAL:
                         failed[chan.name] = f"{chan.name}: ca_array_get: {self.message(status)}"
-                arrays.append((native, chans, records))
             pend = self.lib.ca_pend_io(max(1e-3, deadline - time.monotonic()))
+            for native, chans in groups.items():
+                records, _base = self._pend_records(native, len(chans))
+                header = records[["status", "secs", "nsec"]].copy() if readings else None
+                decoded.append(
+                    (native, chans, records["value"].tolist(), records["severity"].tolist(), header)
+                )
         why = "timed out" if pend == ECA_TIMEOUT else self.message(pend)
-        for native, chans, records in arrays:
-            severities = records["severity"].tolist()
-            values = records["value"].tolist()
+        for native, chans, values, severities, header in decoded:
             if native == 0:
                 values = [v.decode(errors="replace") for v in values]
             if -1 not in severities and not readings:
                 ok.update(zip([c.name for c in chans], values, strict=True))
                 continue
-            statuses = records["status"].tolist()
-            stamps = (records["secs"] + float(EPICS_EPOCH) + records["nsec"] * 1e-9).tolist()
+            statuses: list[int] = [0] * len(chans)
+            stamps: list[float] = [0.0] * len(chans)
+            if header is not None:
+                statuses = header["status"].tolist()
+                stamps = (header["secs"] + float(EPICS_EPOCH) + header["nsec"] * 1e-9).tolist()
             for chan, value, stamp, severity, status in zip(
                 chans, values, stamps, severities, statuses, strict=True
             ):
@@ -709,6 +722,19 @@ class _Context:
             ok.update(more_ok)
             failed.update(more_failed)
         return ok, failed
+
+    def _pend_records(self, native: int, n: int) -> tuple[np.ndarray[Any, Any], int]:
+        """The reusable DBR_TIME record array for ``n`` scalars of one type, and its address."""
+        found = self._pend_buffers.get((native, n))
+        if found is None:
+            if len(self._pend_buffers) > 64:
+                self._pend_buffers.clear()
+            records = np.zeros(n, _TIME_DTYPES[native])
+            found = self._pend_buffers[(native, n)] = (
+                records,
+                records.__array_interface__["data"][0],
+            )
+        return found
 
     def read_now(
         self,
@@ -837,14 +863,9 @@ def make_ctrl_decoder(native: int) -> Callable[[int, int, int], dict[str, Any]]:
     def decode(raw: int, dbrcode: int, _count: int) -> dict[str, Any]:
         struct_type = dbr.DbrCodeToType[dbrcode]
         value = ctypes.cast(raw, ctypes.POINTER(struct_type))[0]
-        md: dict[str, Any] = {}
-
-        class _Sink:
-            pass
-
-        sink = _Sink()
-        value.copy_attributes(sink)
-        md.update(vars(sink))
+        sink = types.SimpleNamespace()
+        value.copy_attributes(sink)  # epicscorelibs' own field names, as aioca reports them
+        md: dict[str, Any] = vars(sink)
         if "enums" in md:
             md["enums"] = tuple(md["enums"])
         md.pop("raw_stamp", None)

@@ -40,6 +40,15 @@ class ControlMessage:
     data: bytes
 
 
+def _frame_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"frame_id must be an integer, got {value!r}")
+    fid = int(value)
+    if not -(2**63) <= fid < 2**63:
+        raise OverflowError(f"frame_id {fid} does not fit 64 bits")
+    return fid
+
+
 class WritableFrame:
     """A claimed slot: fill ``frame[stream]`` in place; publishing happens on ``__exit__``.
 
@@ -573,12 +582,20 @@ class Producer:
         w = self._words
         sw = self._slot_word[k]
         seq = f.seq
+        try:  # what the caller set on the frame: bad values abort it, never half-publish it
+            fid = seq if f.frame_id is None else _frame_id(f.frame_id)
+            ts = time.time() if timestamp is None else float(timestamp)
+            blob = json.dumps(f.attrs).encode() if f.attrs else b""
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._abort(f)
+            raise ValueError(
+                f"stream {self.name!r}: frame {seq} not published: bad frame_id, timestamp or "
+                f"attrs (attrs must be JSON-serialisable): {exc}"
+            ) from None
         w[sw + L.S_FRAME_SEQ] = seq
-        fid = seq if f.frame_id is None else int(f.frame_id)
         w[sw + L.S_FRAME_ID] = fid & 0xFFFFFFFFFFFFFFFF
-        self._f64[sw + L.S_TIMESTAMP] = time.time() if timestamp is None else float(timestamp)
-        if f.attrs:
-            blob = json.dumps(f.attrs).encode()
+        self._f64[sw + L.S_TIMESTAMP] = ts
+        if blob:
             if len(blob) > self.geometry.attrs_bytes:
                 self._abort(f)
                 raise FrameTooLarge(
@@ -668,6 +685,8 @@ class Producer:
         """
         if self._closed:
             raise RuntimeError(f"stream {self.name!r}: producer is closed")
+        if not isinstance(max_messages, int) or max_messages < 1:
+            raise ValueError(f"stream {self.name!r}: max_messages must be a positive integer")
         out = self._pending[:max_messages]
         del self._pending[:max_messages]
         w = self._words

@@ -44,6 +44,7 @@ log = logging.getLogger("beampipe_shm")
 _LIVENESS_EVERY = 0.1  # s between producer-liveness checks while idle
 _WRAP = 0xFFFFFFFF
 _LEASE_COPY_BYTES = 256 * 1024
+_BEAT_NS = 10_000_000
 
 
 def _i64(v: int) -> int:
@@ -143,8 +144,10 @@ class _Lease:
         self.released = False
 
     def release(self) -> None:
+        if self.released:
+            return
         with self.reader._lock:
-            if self.released:
+            if self.released:  # (released by another thread meanwhile)
                 return
             self.released = True
             self.reader._n_leases -= 1
@@ -271,8 +274,9 @@ class Frame:
 
     def release(self) -> None:
         """Hand the slot back to the producer; arrays taken from this frame are then stale."""
-        if self._lease is not None:
-            self._lease.release()
+        lease = self._lease
+        if lease is not None and not lease.released:
+            lease.release()
 
     def __enter__(self) -> Frame:
         return self
@@ -329,8 +333,10 @@ class Reader:
             raise ValueError(f"stream {name!r}: mode must be 'latest' or 'every', got {mode!r}")
         if start not in (None, "latest", "oldest", "next"):
             raise ValueError(f"stream {name!r}: start must be 'latest', 'oldest' or 'next'")
-        if max_leases < 1:
-            raise ValueError(f"stream {name!r}: max_leases must be >= 1")
+        if not isinstance(max_leases, int) or max_leases < 1:
+            raise ValueError(f"stream {name!r}: max_leases must be an integer >= 1")
+        if not isinstance(spin, int | float) or spin < 0 or not isinstance(wait, int | float):
+            raise ValueError(f"stream {name!r}: spin and wait are seconds >= 0")
         self.mode = mode
         self._mode = L.MODE_EVERY if mode == "every" else L.MODE_LATEST
         self.copy = bool(copy)
@@ -345,6 +351,7 @@ class Reader:
         self._n_leases = 0
         self._closed = False
         self._next_liveness = 0.0
+        self._next_beat = 0
         deadline = time.monotonic() + max(0.0, float(wait))
         while True:
             try:
@@ -475,6 +482,10 @@ class Reader:
         """
         if self._closed:
             raise RuntimeError(f"stream {self.name!r}: reader is closed")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
+            raise ValueError(f"stream {self.name!r}: timeout must be None or >= 0, got {timeout!r}")
         if out is not None:
             self._check_out(out)
         f = self._poll(out)
@@ -565,7 +576,13 @@ class Reader:
 
     def _poll(self, out: Mapping[str, np.ndarray[Any, Any]] | None = None) -> Frame | None:
         att = self._att
-        att.rw[L.R_HEARTBEAT_NS] = time.monotonic_ns()
+        now = time.monotonic_ns()
+        if now >= self._next_beat:
+            # at most every 10 ms: a busy-polling reader must not keep dirtying the cache
+            # line the producer reads on every publish
+            self._next_beat = now + _BEAT_NS
+            att.rw[L.R_HEARTBEAT_NS] = now
+            att.rw[L.R_TORN] = self.stats.torn
         words = att.seg.words
         for _ in range(64):  # bounded: each retry means the producer moved on meanwhile
             lat = words[L.H_LATEST]
@@ -594,7 +611,7 @@ class Reader:
                 st = self.stats
                 st.frames += 1
                 st.missed += f.missed
-                rw = att.rw
+                rw = att.rw  # (one cache line: the producer's slot choice reads last_seq)
                 rw[L.R_LAST_SEQ] = f.seq
                 rw[L.R_FRAMES] = st.frames
                 rw[L.R_MISSED] = st.missed
@@ -628,7 +645,6 @@ class Reader:
             load_fence()  # the copies before the re-check of the sequence
             if words[sw] != s:
                 self.stats.torn += 1
-                att.rw[L.R_TORN] = self.stats.torn
                 return None
             return f
         with self._lock:
@@ -638,7 +654,18 @@ class Reader:
                     "frames; release() them (or use `with frame:`), raise max_leases, or read "
                     "with copy=True"
                 )
-            if not self._lease_slot(att, k, s):
+            refs = att.refs
+            if refs[k] == 0:  # (the hot path of _lease_slot, inlined)
+                rw = att.rw
+                rw[L.R_LEASES + k] = s
+                fence()  # our lease before we re-read the sequence (Dekker with Producer._claim)
+                if words[sw] != s:
+                    rw[L.R_LEASES + k] = 0
+                    self.stats.torn += 1
+                    return None
+                refs[k] = 1
+                self._n_leases += 1
+            elif not self._lease_slot(att, k, s):
                 return None
             lease = _Lease(self, att, k)
         return self._build(att, k, n, missed, lease)
@@ -653,7 +680,6 @@ class Reader:
             if words[sw] != s:
                 att.rw[L.R_LEASES + k] = 0
                 self.stats.torn += 1
-                att.rw[L.R_TORN] = self.stats.torn
                 return False
         elif words[sw] != s:  # we lease this slot already, so it cannot have changed
             return False
