@@ -397,6 +397,66 @@ def ophyd_async_devices(ioc: Ioc, loop: asyncio.AbstractEventLoop) -> None:
         record("ophyd-async Device(200) read", name, statistics.median(reads[label]))
 
 
+# ao fields no other client here opens: never-seen names for ophyd-epicsrs' connect rows.
+EPICSRS_FIELDS = {
+    "connect": ["OMSL", "DOL", "OIF", "IVOA", "OUT"],
+    "device": ["RBV", "ORBV", "TSE"],
+    "async": ["IVOV", "PVAL"],  # doubles: read as float
+}
+
+
+def epicsrs(ioc: Ioc) -> None:
+    """ophyd-epicsrs on the same IOC, from its own venv (it pins ophyd 1.6): benchmarks/peers."""
+    from peers import epicsrs as peer
+
+    python = peer.ensure_venv()
+    if isinstance(python, str):
+        print(f"  ophyd-epicsrs skipped: {python}")
+        return
+
+    def fresh(field: str, n: int) -> list[str]:
+        return [ioc.pv(f"s{i}.{field}") for i in range(n)]
+
+    spec = {
+        "single_get": {"names": [ioc.pv("s0")], "repeats": 300},
+        "bulk_scalars": {"names": [ioc.pv(f"s{i}") for i in range(100)], "repeats": 60},
+        "bulk_waveforms": {"names": [ioc.pv(f"w{i}") for i in range(N_WF)], "repeats": 40},
+        "connect_new": {"name_sets": [fresh(f, 100) for f in EPICSRS_FIELDS["connect"]]},
+        "ophyd_device_connect_read": {
+            "name_sets": [fresh(f, 200) for f in EPICSRS_FIELDS["device"]],
+            "timeout": 5,
+        },
+        "ophyd_async_device": {
+            "name_sets": [fresh(f, 200) for f in EPICSRS_FIELDS["async"]],
+            "reads": 15,
+            "datatype": "float",
+        },
+    }
+    out = peer.measure(spec)
+    for row, reason in out["errors"].items():
+        print(f"  ophyd-epicsrs {row}: not measured: {reason}")
+    label = "ophyd-epicsrs (own venv)"
+    names = {
+        "single_get": "single fresh get",
+        "bulk_scalars": "bulk 100 scalars",
+        "bulk_waveforms": f"bulk {N_WF} waveforms x {WF_LEN} doubles",
+        "connect_new": "connect 100 never-seen PVs",
+    }
+    got = out["rows"]
+    for key, row in names.items():
+        if key in got:
+            record(row, label, statistics.median(got[key]["seconds"]))
+    if "ophyd_device_connect_read" in got:
+        dev = got["ophyd_device_connect_read"]
+        record("ophyd Device(200) connect", label, statistics.median(dev["seconds"]))
+        record("ophyd Device(200) read", label, statistics.median(dev["read_seconds"]))
+        print(f"  ophyd-epicsrs Device(200) connect failures: {dev['failures']}/{dev['attempts']}")
+    if "ophyd_async_device" in got:
+        dev = got["ophyd_async_device"]
+        record("ophyd-async Device(200) connect", label, statistics.median(dev["seconds"]))
+        record("ophyd-async Device(200) read", label, statistics.median(dev["read_seconds"]))
+
+
 def summary() -> None:
     print("\nratios (peer median / beampipe median; >1 means beampipe is faster):")
     by_row: dict[str, dict[str, float]] = {}
@@ -454,6 +514,7 @@ def main() -> int:
                 connects(ioc, loop)
                 ophyd_devices(ioc)
                 ophyd_async_devices(ioc, loop)
+                epicsrs(ioc)
             finally:
                 import aioca
 
