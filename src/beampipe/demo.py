@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,13 @@ def _core_scan(ctx: DemoContext) -> None:
     det.destroy()
 
 
+def _close_channel_access() -> None:
+    """Close libca's context while the IOC is still up, so it has no circuit to mourn."""
+    ca = sys.modules.get("epics.ca")
+    if ca is not None:
+        ca.finalize_libca()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run only the demo steps whose name contains this")
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"- {ep.name} ({ep.dist.name if ep.dist else '?'})", flush=True)
             ep.load()(ctx)
+        _close_channel_access()
     print("beampipe demo: done")
     return 0
 
