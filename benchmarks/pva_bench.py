@@ -29,7 +29,7 @@ N_WAVEFORMS = 100
 WAVEFORM_LEN = 1000
 N_CONNECT = 100
 N_DEVICE = 200
-POOL = 4000  # scalar records: enough fresh names for every connect repeat of every peer
+POOL = 5000  # scalar records: enough fresh names for every connect repeat of every peer
 
 
 def _db() -> str:
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 _bench_reads(table, reps, scalars, waves, ctx, rctx)
                 _bench_connect(table, reps, fresh, Context, beampipe_pva)
                 asyncio.run(_bench_ophyd_async(table, max(5, reps // 3), fresh, scalars))
+                _bench_epicsrs(table, reps, scalars, waves, fresh)
             finally:
                 ctx.close()
                 rctx.close()
@@ -233,6 +234,52 @@ async def _bench_ophyd_async(table: Table, reps: int, fresh: Any, scalars: list[
     table.add(
         label, "ophyd-async PvaSignalBackend", await timed(lambda: read(TheirBackend), reps), ours
     )
+
+
+def _bench_epicsrs(
+    table: Table, reps: int, scalars: list[str], waves: list[str], fresh: Any
+) -> None:
+    """ophyd-epicsrs on the same QSRV, from its own venv (it pins ophyd 1.6): benchmarks/peers."""
+    from peers import epicsrs as peer
+
+    python = peer.ensure_venv()
+    if isinstance(python, str):
+        print(f"  ophyd-epicsrs skipped: {python}")
+        return
+    spec = {
+        "pva_single_get": {"names": scalars[:1], "repeats": reps * 3},
+        "pva_bulk_scalars": {"names": scalars, "repeats": reps},
+        "pva_bulk_waveforms": {"names": waves, "repeats": reps},
+        "pva_connect_new": {
+            "name_sets": [[next(fresh) for _ in range(N_CONNECT)] for _ in range(3)]
+        },
+        "pva_ophyd_async_device": {
+            "name_sets": [[next(fresh) for _ in range(N_DEVICE)] for _ in range(2)],
+            "reads": reps,
+            "datatype": "float",
+        },
+    }
+    out = peer.measure(spec)
+    for row, reason in out["errors"].items():
+        print(f"  ophyd-epicsrs {row}: not measured: {reason}")
+    ours = {row: ms for row, _, ms, ratio in table.rows if ratio is None}
+    label = "ophyd-epicsrs (own venv)"
+    rows = {
+        "pva_single_get": ("single get", "seconds"),
+        "pva_bulk_scalars": (f"bulk get {N_SCALARS} scalars", "seconds"),
+        "pva_bulk_waveforms": (f"bulk get {N_WAVEFORMS} wf x {WAVEFORM_LEN} dbl", "seconds"),
+        "pva_connect_new": (f"connect {N_CONNECT} new PVs + get", "seconds"),
+    }
+    if "pva_ophyd_async_device" in out["rows"]:
+        rows["pva_ophyd_async_device"] = (f"ophyd-async {N_DEVICE} signals: connect", "seconds")
+    for key, (row, field) in rows.items():
+        if key in out["rows"]:
+            ms = statistics.median(out["rows"][key][field]) * 1e3
+            table.add(row, label, ms, ours.get(row))
+    if "pva_ophyd_async_device" in out["rows"]:
+        row = f"ophyd-async {N_DEVICE} signals: read"
+        ms = statistics.median(out["rows"]["pva_ophyd_async_device"]["read_seconds"]) * 1e3
+        table.add(row, label, ms, ours.get(row))
 
 
 def _bench_ndarray(table: Table, reps: int) -> None:
