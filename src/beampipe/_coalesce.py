@@ -64,7 +64,10 @@ class _AsyncWaiter(_Waiter[K, V]):
     __slots__ = ("future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
+        # Written out (no super().__init__): one of these is made per ophyd-async read.
+        self.keys = {}
+        self.results = {}
+        self.remaining = 0
         self.loop = loop
         self.future: asyncio.Future[dict[K, Outcome[V]]] = loop.create_future()
 
@@ -94,7 +97,8 @@ class Coalescer(Generic[K, V]):
         self._lock = threading.Lock()
         self._waiters: dict[Ticket, _Waiter[K, V]] = {}
         self._pump_scheduled: set[asyncio.AbstractEventLoop] = set()
-        self._timers: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
+        # loop -> (deadline on our clock, the timer that fires then)
+        self._timers: dict[asyncio.AbstractEventLoop, tuple[float, asyncio.TimerHandle]] = {}
         #: Batches issued so far, for benchmarks and tests that check coalescing.
         self.batches_issued = 0
 
@@ -127,8 +131,31 @@ class Coalescer(Generic[K, V]):
     async def get_async(
         self, op: str, key: K, timeout: float, route: Hashable = None
     ) -> Outcome[V]:
-        """Await one key's outcome; concurrent awaits in one loop turn share a batch."""
-        results = await self.get_many_async(op, (key,), timeout, route=lambda _k: route)
+        """Await one key's outcome; concurrent awaits in one loop turn share a batch.
+
+        This is the path every ophyd-async signal read takes, 200 at a time in a
+        ``gather``, so it is written out rather than built on get_many_async.
+        """
+        _check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = self._clock() + timeout
+        waiter: _AsyncWaiter[K, V] = _AsyncWaiter(loop)
+        with self._lock:
+            ticket = self._planner.request(op, key, deadline=deadline, route=route)
+            self._waiters[ticket] = waiter
+            waiter.keys[ticket] = key
+            waiter.remaining = 1
+            if loop not in self._pump_scheduled:
+                self._pump_scheduled.add(loop)
+                loop.call_soon(self._pump_from_loop, loop)
+        self._arm_timer(loop, deadline)
+        try:
+            results = await waiter.future
+        except asyncio.CancelledError:
+            with self._lock:
+                if self._waiters.pop(ticket, None) is not None:
+                    self._planner.cancel(ticket)
+            raise
         return results[key]
 
     async def get_many_async(
@@ -180,12 +207,13 @@ class Coalescer(Generic[K, V]):
 
     def _arm_timer(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         """One expiry timer per loop, at the earliest deadline, instead of one per request."""
+        armed = self._timers.get(loop)
+        if armed is not None and armed[0] <= deadline:
+            return  # the common case: a timer at or before this deadline is already set
+        if armed is not None:
+            armed[1].cancel()
         when = loop.time() + max(0.0, deadline - self._clock())
-        timer = self._timers.get(loop)
-        if timer is None or timer.cancelled() or timer.when() > when:
-            if timer is not None:
-                timer.cancel()
-            self._timers[loop] = loop.call_at(when, self._on_timer, loop)
+        self._timers[loop] = (deadline, loop.call_at(when, self._on_timer, loop))
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timers.pop(loop, None)
