@@ -45,6 +45,7 @@ from beampipe_zocalo import (
     delete_queues,
     dlq_name,
     ensure_queue,
+    frame_analysis_recipe,
     go_headers,
 )
 
@@ -234,20 +235,7 @@ def bridge(b: Bench, n: int, m: int, kind: str) -> dict[str, Any]:
     a_log = b.service("BeampipeFrameAnalysis", args, analysis_queue=analysis)
     b.wait_line(d_log, "dispatching requests from")
     b.wait_line(a_log, "frame analysis on")
-    recipe = {
-        "1": {
-            "service": "BeampipeFrameAnalysis",
-            "queue": analysis,
-            "parameters": {
-                "frame": "{$REPLACE:frame}",
-                "run_uid": "{beampipe_run_uid}",
-                "trigger_id": "{beampipe_trigger_id}",
-            },
-            "output": 2,
-        },
-        "2": {"queue": "{beampipe_reply_to}"},
-        "start": [[1, []]],
-    }
+    recipe = frame_analysis_recipe(analysis)
     rule = TriggerRule(
         name="f", on=["event"], custom_recipe=recipe, parameters={"frame": "event.data.cam"}
     )

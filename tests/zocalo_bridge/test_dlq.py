@@ -8,16 +8,15 @@ from typing import Any
 
 import pytest
 
-from beampipe_zocalo import go_headers
+from beampipe_zocalo import frame_analysis_recipe, go_headers
 
 from .conftest import wait_consumers
-from .test_end_to_end import analysis_recipe
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 def recipe_message(analysis: str, reply_to: str, frame: Any) -> dict[str, Any]:
-    recipe = analysis_recipe(analysis)
+    recipe = frame_analysis_recipe(analysis)
     recipe["1"]["parameters"] = {"frame": frame, "run_uid": "r", "trigger_id": f"r/x/{frame}"}
     recipe["2"]["queue"] = reply_to
     return {

@@ -30,6 +30,7 @@ from beampipe_zocalo import (
     ZocaloResults,
     ZocaloResultsError,
     ZocaloResultsTimeout,
+    frame_analysis_recipe,
 )
 
 from .conftest import wait_consumers
@@ -45,28 +46,11 @@ def spot(x: float) -> np.ndarray:
     return 100.0 * np.exp(-((cols - 8.0 - x) ** 2 + (rows - 5.0) ** 2) / 2.0)
 
 
-def analysis_recipe(analysis_queue: str) -> dict[str, Any]:
-    return {
-        "1": {
-            "service": "BeampipeFrameAnalysis",
-            "queue": analysis_queue,
-            "parameters": {
-                "frame": "{$REPLACE:frame}",
-                "run_uid": "{beampipe_run_uid}",
-                "trigger_id": "{beampipe_trigger_id}",
-            },
-            "output": 2,
-        },
-        "2": {"queue": "{beampipe_reply_to}"},
-        "start": [[1, []]],
-    }
-
-
 def frame_rule(analysis_queue: str, tag: str) -> TriggerRule:
     return TriggerRule(
         name="frames",
         on=("event",),
-        custom_recipe=analysis_recipe(analysis_queue),
+        custom_recipe=frame_analysis_recipe(analysis_queue),
         parameters={"frame": "event.data.cam", "ispyb_dcid": "start.ispyb_dcid"},
         match={"bptest": tag},
     )
@@ -381,7 +365,7 @@ def test_frames_by_reference_through_a_shm_frame_stream(
     backend.wait_ready(processing, dispatcher, "dispatching requests from")
     backend.wait_ready(analysis, analyser, "frame analysis on")
     stream = f"bpzf{secrets.token_hex(4)}"
-    recipe = analysis_recipe(analysis)
+    recipe = frame_analysis_recipe(analysis)
     recipe["1"]["parameters"] = {
         "frame_stream": stream,
         "frame_id": "{frame_id}",

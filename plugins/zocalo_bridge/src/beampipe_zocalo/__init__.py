@@ -37,6 +37,7 @@ from ._services import (
     BeampipeDispatcher,
     BeampipeDocumentTrigger,
     BeampipeFrameAnalysis,
+    frame_analysis_recipe,
     frame_statistics,
 )
 from ._transport import NO_HEADERS, GuardedPikaTransport, PublishRefused
@@ -79,6 +80,7 @@ __all__ = [
     "dlq_name",
     "dumps",
     "ensure_queue",
+    "frame_analysis_recipe",
     "frame_statistics",
     "go_headers",
     "load_rules",

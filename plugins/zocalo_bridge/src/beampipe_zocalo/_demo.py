@@ -28,6 +28,7 @@ from ._queues import BrokerParams, delete_queues
 from ._results import ResultsListener, ZocaloResults
 from ._rules import TriggerRule
 from ._sender import PikaPublisher, ReliableSender, TransportPublisher
+from ._services import frame_analysis_recipe
 from ._transport import GuardedPikaTransport
 from ._wire import dlq_name
 
@@ -134,20 +135,7 @@ def step(ctx: Any) -> None:
             f"zocalo.service -s BeampipeDispatcher / BeampipeFrameAnalysis up "
             f"in {time.perf_counter() - t0:.1f} s on {where}",
         )
-        recipe = {
-            "1": {
-                "service": "BeampipeFrameAnalysis",
-                "queue": analysis,
-                "parameters": {
-                    "frame": "{$REPLACE:frame}",
-                    "run_uid": "{beampipe_run_uid}",
-                    "trigger_id": "{beampipe_trigger_id}",
-                },
-                "output": 2,
-            },
-            "2": {"queue": "{beampipe_reply_to}"},
-            "start": [[1, []]],
-        }
+        recipe = frame_analysis_recipe(analysis)
         rule = TriggerRule(
             name="frames",
             on=["event"],

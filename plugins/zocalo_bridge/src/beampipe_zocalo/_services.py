@@ -359,6 +359,29 @@ class BeampipeDispatcher(_BridgeService, Dispatcher):
             raise
 
 
+def frame_analysis_recipe(analysis_queue: str = ANALYSIS_QUEUE) -> dict[str, Any]:
+    """The recipe that sends one frame to BeampipeFrameAnalysis and its result back to the plan.
+
+    A ``TriggerRule(custom_recipe=...)`` fills ``frame`` from the event and the
+    ``beampipe_*`` parameters from the run, so ZocaloResults can match the answer
+    to the trigger that asked for it.
+    """
+    return {
+        "1": {
+            "service": "BeampipeFrameAnalysis",
+            "queue": analysis_queue,
+            "parameters": {
+                "frame": "{$REPLACE:frame}",
+                "run_uid": "{beampipe_run_uid}",
+                "trigger_id": "{beampipe_trigger_id}",
+            },
+            "output": 2,
+        },
+        "2": {"queue": "{beampipe_reply_to}"},
+        "start": [[1, []]],
+    }
+
+
 class BeampipeFrameAnalysis(_BridgeService):
     """A recipe step: statistics of one frame, sent on with ``rw.send``.
 
