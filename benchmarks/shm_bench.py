@@ -11,11 +11,18 @@ delivered frame is verified before it is counted.  Rates are medians over
 rounds and the median round is shown, so a burst of load from other jobs on the
 machine hits every contender rather than one.
 
+Copy-out is compared with three numpy copies of the same 8 MiB: main memory (buffers
+cycling through 64 MiB), the reader's own pattern (a 4-slot ring of sources into one
+reused destination, as `read_into(buf)` does) and that pattern while another process
+does the producer's fill, which is what the copy-out run really competes with.
+
 Latency: 64-byte frames, one every 200 us (busy-polling reader) or 2 ms
 (blocked reader, asleep in the kernel), measured from the producer's
-monotonic clock stamp taken just before it publishes to the moment read()
-returns in the reader.  The bare futex wake-up (same ctypes call, no
-protocol) is the floor for the blocked case.
+monotonic clock stamp taken just before it publishes (and from its commit) to
+the moment the reader has the frame: `read_into` (fast path) and `read()`
+(a Frame).  The bare futex wake-up (same ctypes call, no protocol) is the
+floor for the blocked case; a tight loop on one shared word is CPython's
+floor for the busy one.
 
 Peers: plain numpy copy of the same bytes (the memory-bandwidth limit),
 pyzmq ipc://, iceoryx2's Python bindings, shmx; each is skipped with the
@@ -84,21 +91,53 @@ def check(u: np.ndarray[Any, Any]) -> int:
 
 
 # ----------------------------------------------------------------------------- numpy copy
-def bench_memcpy(hot: bool) -> dict[str, float]:
-    """numpy copy of 8 MiB: between buffers cycling through 64 MiB (main memory, > L3) or hot."""
+def bench_memcpy(hot: bool, reuse_dst: bool = False, contended: bool = False) -> dict[str, float]:
+    """numpy copy of 8 MiB, the bandwidth limit a copy-out reader is measured against.
+
+    Default: between buffers cycling through 64 MiB (main memory, > L3).  ``reuse_dst``:
+    4 sources (a 4-slot ring) into one reused destination, which is exactly what a reader
+    copying into its ``out=`` buffer does (so that ratio compares like with like).
+    ``contended``: the same while another process does the producer's share (filling
+    8 MiB buffers from an image, back to back), as in the copy-out runs.  ``hot``: one
+    buffer pair, cache-resident (reference only).
+    """
     rng = np.random.default_rng(0)
     k = 1 if hot else 4
     srcs = [rng.integers(0, 65535, SHAPE, dtype=np.uint16) for _ in range(k)]
-    dsts = [np.empty(SHAPE, np.uint16) for _ in range(k)]
+    dsts = [np.empty(SHAPE, np.uint16) for _ in range(1 if reuse_dst else k)]
+    nd = len(dsts)
+    stop = CTX.Event()
+    filler = None
+    if contended:
+        started = CTX.Event()
+        filler = CTX.Process(target=fill_loop, args=(started, stop))
+        filler.start()
+        assert started.wait(30), "filler did not start"
     times = []
-    end = time.perf_counter() + RUN
-    i = 0
-    while (t := time.perf_counter()) < end:
-        np.copyto(dsts[i % k], srcs[i % k])
-        times.append(t)
-        i += 1
-    assert all(np.array_equal(d, s) for d, s in zip(dsts, srcs, strict=True))
+    try:
+        end = time.perf_counter() + RUN
+        i = 0
+        while (t := time.perf_counter()) < end:
+            np.copyto(dsts[i % nd], srcs[i % k])
+            times.append(t)
+            i += 1
+    finally:
+        stop.set()
+        if filler is not None:
+            filler.join(10)
+    assert np.array_equal(dsts[(i - 1) % nd], srcs[(i - 1) % k])
     return {"fps": windows(times)}
+
+
+def fill_loop(started: Any, stop: Any) -> None:
+    """The producer's memory traffic without a transport: fill 8 MiB buffers from an image."""
+    src = np.random.default_rng(1).integers(0, 65535, SHAPE, dtype=np.uint16)
+    bufs = [np.empty(SHAPE, np.uint16) for _ in range(2)]
+    started.set()
+    i = 0
+    while not stop.is_set():
+        stamp(bufs[i & 1], src, i)
+        i += 1
 
 
 # ----------------------------------------------------------------------------- beampipe
@@ -111,11 +150,21 @@ def bp_reader(name: str, copy: bool, ready: Any, out: Any) -> None:
     times: list[float] = []
     bad = missed = 0
     while True:
-        f = r.read(timeout=3.0, out={"img": buf} if copy else None)
+        if copy:  # the copy-out path: straight from the slot into the reused buffer
+            seq = r.read_into(buf, timeout=3.0)
+            if not seq:
+                break
+            got = check(buf.reshape(-1).view(np.uint64))
+            if got == END:
+                break
+            bad += got != seq
+            missed += r.last_missed
+            times.append(time.perf_counter())
+            continue
+        f = r.read(timeout=3.0)
         if f is None:
             break
-        u = (buf if copy else f["img"]).reshape(-1).view(np.uint64)
-        got = check(u)
+        got = check(f["img"].reshape(-1).view(np.uint64))
         if got == END:
             break
         bad += got != f.seq
@@ -171,22 +220,44 @@ def bench_beampipe(readers: int, copy: bool, fill: bool = True) -> dict[str, flo
     }
 
 
-def bp_lat_reader(name: str, blocked: bool, ready: Any, out: Any) -> None:
+def bp_lat_reader(name: str, how: str, into: bool, ready: Any, out: Any) -> None:
+    """``how``: "poll" (a loop of non-blocking reads), "spin" (the reader's own spin loop,
+    ``Reader(spin=...)``), "block" (asleep on the futex); ``into``: the fast path
+    (``read_into`` a reused buffer), else ``read()`` returning a Frame."""
     from beampipe_shm import Reader
 
-    r = Reader(name, mode="every", wait=10.0, spin=0.0 if blocked else 20e-6, copy=True)
+    spin = {"poll": 20e-6, "spin": 3.0, "block": 0.0}[how]
+    r = Reader(name, mode="every", wait=10.0, spin=spin, copy=True)
+    buf = np.zeros(8, np.int64)
     ready.set()
     lats: list[float] = []
     commit: list[float] = []
+    mono = time.monotonic_ns
     while True:
-        if blocked:
+        if into:
+            if how != "poll":
+                n = r.read_into(buf, timeout=3.0)
+            else:
+                n = 0
+                deadline = time.monotonic() + 3.0
+                while not n:
+                    n = r.read_into(buf, timeout=0)
+                    if not n and time.monotonic() > deadline:
+                        break
+            now = mono()
+            if not n or buf[1] == 1:
+                break
+            lats.append((now - int(buf[0])) / 1e3)
+            commit.append((now - r.last_publish_ns) / 1e3)
+            continue
+        if how != "poll":
             f = r.read(timeout=3.0)
         else:
             f = None
             deadline = time.monotonic() + 3.0
             while f is None and time.monotonic() < deadline:
                 f = r.read(timeout=0)
-        now = time.monotonic_ns()
+        now = mono()
         if f is None:
             break
         v = f["v"]
@@ -217,14 +288,14 @@ def pace(period: float, n: int, send: Callable[[int], None]) -> None:
         send(i)
 
 
-def bench_beampipe_latency(blocked: bool) -> tuple[dict[str, float], dict[str, float]]:
+def bench_beampipe_latency(how: str, into: bool) -> tuple[dict[str, float], dict[str, float]]:
     from beampipe_shm import Producer, StreamSpec
 
     name = uniq("blat")
     p = Producer(name, [StreamSpec("v", "int64", (8,))], slots=16)
     q = CTX.Queue()
     ev = CTX.Event()
-    pr = CTX.Process(target=bp_lat_reader, args=(name, blocked, ev, q))
+    pr = CTX.Process(target=bp_lat_reader, args=(name, how, into, ev, q))
     pr.start()
     assert ev.wait(30)
     time.sleep(0.2)
@@ -234,7 +305,7 @@ def bench_beampipe_latency(blocked: bool) -> tuple[dict[str, float], dict[str, f
         with p.frame() as f:
             f["v"][0] = t
 
-    n, period = (1000, 2e-3) if blocked else (4000, 200e-6)
+    n, period = (1000, 2e-3) if how == "block" else (4000, 200e-6)
     pace(period, n, send)
     with p.frame() as f:
         f["v"][1] = 1
@@ -304,6 +375,68 @@ def bench_bare_futex() -> dict[str, float]:
         lats = q.get(timeout=30)
         pr.join(10)
         w.release()
+    finally:
+        os.unlink(path)
+        os.close(fd)
+    return latency_stats(lats)
+
+
+def floor_reader(path: str, ready: Any, out: Any) -> None:
+    import mmap
+
+    fd = os.open(path, os.O_RDWR)
+    mm = mmap.mmap(fd, 4096)
+    w = memoryview(mm).cast("Q")
+    ready.set()
+    lats = []
+    last = 0
+    mono = time.monotonic_ns
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for _ in range(100_000):
+            if w[16] != last:
+                break
+        else:
+            continue
+        now = mono()
+        last = w[16]
+        if w[2]:
+            break
+        lats.append((now - w[1]) / 1e3)
+    w.release()
+    mm.close()
+    os.close(fd)
+    out.put(lats)
+
+
+def bench_poll_floor() -> dict[str, float]:
+    """What CPython can do at best: spin on one shared 8-byte word until it changes."""
+    import mmap
+
+    path = f"/dev/shm/{uniq('bpfloor')}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, 4096)
+        mm = mmap.mmap(fd, 4096)
+        w = memoryview(mm).cast("Q")
+        q = CTX.Queue()
+        ev = CTX.Event()
+        pr = CTX.Process(target=floor_reader, args=(path, ev, q))
+        pr.start()
+        assert ev.wait(30)
+        time.sleep(0.2)
+
+        def send(i: int) -> None:
+            w[1] = time.monotonic_ns()
+            w[16] = i + 1
+
+        pace(200e-6, 4000, send)
+        w[2] = 1
+        w[16] = 10**9
+        lats = q.get(timeout=30)
+        pr.join(10)
+        w.release()
+        mm.close()
     finally:
         os.unlink(path)
         os.close(fd)
@@ -659,6 +792,18 @@ def main() -> int:
     # of load from other jobs hits every contender instead of just one of them.
     rounds: list[tuple[str, str, str | None, Callable[[], dict[str, float]]]] = [
         ("memcpy", "numpy copy, main memory (bandwidth limit)", None, lambda: bench_memcpy(False)),
+        (
+            "memcpy-reuse",
+            "numpy copy, 4-slot ring -> one reused buffer",
+            None,
+            lambda: bench_memcpy(False, reuse_dst=True),
+        ),
+        (
+            "memcpy-contended",
+            "  the same, another process filling frames",
+            None,
+            lambda: bench_memcpy(False, reuse_dst=True, contended=True),
+        ),
         ("bp-1-zc", "beampipe 1 reader zero-copy", None, lambda: bench_beampipe(1, False)),
         ("iox-zc", "iceoryx2 1 reader zero-copy", "iceoryx2", lambda: bench_iceoryx2(False)),
         ("bp-1-copy", "beampipe 1 reader copy-out", None, lambda: bench_beampipe(1, True)),
@@ -702,20 +847,30 @@ def main() -> int:
     )
     show("iceoryx2 1 reader copy-out", r["iox-copy-bare"])
 
-    print("64-byte frame latency to read() returning, from the producer's stamp before frame()")
-    r["lat-busy"], r["lat-busy-commit"] = bench_beampipe_latency(blocked=False)
-    show("beampipe busy-polling reader", r["lat-busy"])
-    r["lat-blocked"], r["lat-blocked-commit"] = bench_beampipe_latency(blocked=True)
-    show("beampipe blocked reader (futex)", r["lat-blocked"])
+    print("64-byte frame latency to the frame in hand, from the producer's stamp before frame()")
+    for key, how, into, label in (
+        ("lat-spin-into", "spin", True, "beampipe read_into, spinning reader"),
+        ("lat-poll-into", "poll", True, "beampipe read_into(timeout=0) loop"),
+        ("lat-busy", "poll", False, "beampipe read(timeout=0) loop -> Frame"),
+        ("lat-block-into", "block", True, "beampipe read_into, blocked reader (futex)"),
+        ("lat-blocked", "block", False, "beampipe read(), blocked reader (futex)"),
+    ):
+        r[key], r[key + "-commit"] = bench_beampipe_latency(how, into)
+        show(label, r[key])
     r["iox-lat"] = peer("iceoryx2 busy-polling", "iceoryx2", bench_iceoryx2_latency)
     show("iceoryx2 busy-polling", r["iox-lat"])
     r["zmq-lat"] = peer("pyzmq ipc:// blocked in poll", "zmq", bench_zmq_latency)
     show("pyzmq ipc:// blocked in poll", r["zmq-lat"])
-    print("  ... from the commit (sequence store), the transport's own share")
-    show("beampipe busy-polling reader", r["lat-busy-commit"])
-    show("beampipe blocked reader (futex)", r["lat-blocked-commit"])
+    print("  ... from the commit (the producer's sequence store), the transport's own share")
+    show("beampipe read_into, spinning reader", r["lat-spin-into-commit"])
+    show("beampipe read_into(timeout=0) loop", r["lat-poll-into-commit"])
+    show("beampipe read(timeout=0) loop -> Frame", r["lat-busy-commit"])
+    show("beampipe read_into, blocked reader (futex)", r["lat-block-into-commit"])
+    show("beampipe read(), blocked reader (futex)", r["lat-blocked-commit"])
     r["futex"] = bench_bare_futex()
     show("bare futex wake-up: store + wake -> return", r["futex"])
+    r["floor"] = bench_poll_floor()
+    show("Python floor: spin on one shared word -> seen", r["floor"])
 
     print("ratios (targets from issue 5)")
 
@@ -736,6 +891,20 @@ def main() -> int:
     )
     ratio("copy-out 1 reader / numpy main-memory copy", "bp-1-copy", "memcpy", "fps", ">= 0.8")
     ratio(
+        "copy-out 1 reader / same copy pattern (reused dst)",
+        "bp-1-copy",
+        "memcpy-reuse",
+        "fps",
+        ">= 0.8",
+    )
+    ratio(
+        "copy-out 1 reader / same, with a filling process",
+        "bp-1-copy",
+        "memcpy-contended",
+        "fps",
+        ">= 0.8",
+    )
+    ratio(
         "copy-out 1 reader (transport only) / numpy copy",
         "bp-1-copy-bare",
         "memcpy",
@@ -746,16 +915,25 @@ def main() -> int:
     ratio("zero-copy 1 reader / shmx", "bp-1-zc", "shmx", "fps", ">= 10")
     ratio("zero-copy 1 reader / pyzmq ipc", "bp-1-zc", "zmq", "fps", "(none)")
     ratio(
-        "blocked p50 from commit / bare futex p50", "lat-blocked-commit", "futex", "p50", "<= 1.2"
+        "blocked read_into p50 from commit / bare futex",
+        "lat-block-into-commit",
+        "futex",
+        "p50",
+        "<= 1.2",
     )
-    ratio("blocked p50 end-to-end / bare futex p50", "lat-blocked", "futex", "p50", "<= 1.2")
-    lb, lc = r["lat-busy"], r["lat-busy-commit"]
-    assert lb is not None
-    assert lc is not None
-    print(
-        f"  {'busy-poll latency p50 end-to-end / from commit':<52} {lb['p50']:6.2f} / "
-        f"{lc['p50']:.2f} us   target <= 1 us"
-    )
+    ratio("blocked read() p50 from commit / bare futex", "lat-blocked-commit", "futex", "p50", "-")
+    ratio("blocked read() p50 end-to-end / bare futex", "lat-blocked", "futex", "p50", "-")
+    for key, label in (
+        ("lat-spin-into-commit", "busy-poll p50 from commit: read_into spinning"),
+        ("lat-poll-into-commit", "busy-poll p50 from commit: read_into(timeout=0) loop"),
+        ("lat-busy-commit", "busy-poll p50 from commit: read(timeout=0) -> Frame"),
+    ):
+        res = r[key]
+        assert res is not None
+        print(f"  {label:<52} {res['p50']:6.2f} us   target <= 1 us")
+    fl = r["floor"]
+    assert fl is not None
+    print(f"  {'Python floor (one shared word, tight loop)':<52} {fl['p50']:6.2f} us")
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 

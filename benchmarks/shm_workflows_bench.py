@@ -1,12 +1,13 @@
 """ShmTransport vs PikaTransport (local RabbitMQ), same run, same machine.
 
-Run: ``.venv/bin/python benchmarks/shm_workflows_bench.py`` (about a minute).
+Run: ``.venv/bin/python benchmarks/shm_workflows_bench.py`` (20-40 s).
 
 Measures, for each transport through workflows' public API (send/subscribe/ack):
   * small JSON messages/s, auto-ack and with manual ack (prefetch 100), producer and consumer
     in one process (as a service that forwards messages is);
   * request/reply round-trip latency to an echo responder in another process;
-  * 8 MiB numpy arrays/s (raw_send; Shm hands the receiver a memory-mapped array, Pika bytes).
+  * 8 MiB numpy arrays/s (raw_send; Shm hands the receiver a memory-mapped array whose file
+    is reused once acked and unmapped, Pika bytes).
 Every message is checked (all indices present, array contents spot-checked) before a time
 counts.  RabbitMQ queues are classic non-durable (its fastest setting; zocalo's quorum
 queues are slower), so the ratios flatter Pika if anything.  Medians of several repeats.

@@ -48,3 +48,30 @@ def test_motor_metadata(motor):
     assert motor.high_limit_travel.get() == 10.0
     assert motor.low_limit_travel.get() == 0.0
     assert motor.motor_egu.get() == motor.user_readback.describe()["m"]["units"]
+
+
+def test_slow_readback_callback_still_sees_rbv_before_dmov(motor):
+    """A slow RBV subscriber delays DMOV's delivery, never reorders it (one lane per Device).
+
+    With per-PV delivery the DMOV = 1 event would overtake the queued RBV
+    updates and the move would finish with a stale ``position``.
+    """
+    seen: list[tuple[str, float]] = []
+
+    def slow_rbv(value, **_kw):
+        time.sleep(0.2)  # slower than the IOC's RBV updates: they queue up behind it
+        seen.append(("rbv", value))
+
+    motor.user_readback.subscribe(slow_rbv, run=False)
+    motor.motor_done_move.subscribe(lambda value, **_kw: seen.append(("dmov", value)), run=False)
+    for target in (2.0, 2.3):
+        del seen[:]
+        motor.move(target, wait=True, timeout=20)
+        assert motor.position == pytest.approx(target, abs=1e-3)
+        deadline = time.monotonic() + 5
+        while ("dmov", 1) not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done_at = seen.index(("dmov", 1))
+        rbvs = [v for kind, v in seen[:done_at] if kind == "rbv"]
+        assert rbvs and rbvs[-1] == pytest.approx(target, abs=1e-3)
+    motor.user_readback.clear_sub(slow_rbv)

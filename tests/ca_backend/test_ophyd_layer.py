@@ -159,7 +159,7 @@ def test_device_of_200_pvs_connects_with_batched_metadata(cl, bank_ioc):
     from beampipe_ca._ophyd_shim import _batcher
 
     ctx = context()
-    before, meta_before = ctx.batches_issued, _batcher.batches
+    before, meta_before, hits_before = ctx.batches_issued, _batcher.batches, _batcher.prefetch_hits
     dev = _bank_device(bank_ioc.prefix, BANK_SIZE)
     dev.wait_for_connection(timeout=20)
     reading = dev.read()
@@ -170,6 +170,10 @@ def test_device_of_200_pvs_connects_with_batched_metadata(cl, bank_ioc):
     # 200 PVs' time+ctrl metadata: a few wire batches, not 400 round trips.
     assert ctx.batches_issued - before < 40, ctx.batches_issued - before
     assert _batcher.batches - meta_before < 40
+    # Every signal's metadata was read when libca reported the connection, before ophyd's
+    # metadata thread asked for it (prefetch), and no PV was read twice.
+    assert _batcher.prefetch_hits - hits_before == BANK_SIZE
+    assert all(getattr(dev, f"s{i}")._read_pv._bp_md == "used" for i in range(BANK_SIZE))
     dev.destroy()
 
 

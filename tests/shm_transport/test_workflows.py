@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import optparse
 import os
@@ -201,6 +202,92 @@ def test_numpy_payload_is_memory_mapped(connect: Any) -> None:
     assert np.array_equal(got, image)
     assert not got.flags.writeable
     assert got.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("ack", [False, True])
+def test_array_files_are_reused_only_after_ack_and_unmap(connect: Any, ack: bool) -> None:
+    """A consumer's view stays intact after ack; its file is reused once every view is gone."""
+    tx, rx = connect(), connect()
+    inbox = Inbox()
+    rx.subscribe("reuse", inbox, disable_mangling=True, acknowledgement=ack)
+    pool = Path(tx.store_path) / "pool"
+    frame = np.empty((512, 512), dtype=np.float64)  # 2 MiB: pooled (>= 1 MiB)
+
+    def send(value: float) -> np.ndarray:
+        frame.fill(value)
+        tx.raw_send("reuse", frame)
+        [(header, got)] = inbox.wait(1)
+        inbox.items.clear()  # the test holds the only references
+        if ack:
+            rx.ack(header)
+        return got
+
+    first = send(1.0)
+    kept = first[100:200]  # a view of a view: keeps the mapping alive on its own
+    del first
+    second = send(2.0)  # first is acked but mapped: its file must not be reused
+    assert list(pool.iterdir()) == []
+    assert (kept == 1.0).all() and (second == 2.0).all()
+    del kept
+    gc.collect()
+    assert len(list(pool.iterdir())) == 1  # acked and unmapped: parked for reuse
+    inode = next(pool.iterdir()).stat().st_ino
+    third = send(3.0)
+    assert list(pool.iterdir()) == []  # the send took the parked file ...
+    assert (third == 3.0).all() and (second == 2.0).all()  # ... without touching live views
+    mapped = Path(rx.store_path) / "c" / rx._cid / "m"
+    assert inode in {p.stat().st_ino for p in mapped.iterdir()}
+    del second, third
+    gc.collect()
+    assert len(list(pool.iterdir())) == 2
+    assert list(mapped.iterdir()) == []
+
+
+def test_redelivered_array_file_is_not_reused(connect: Any) -> None:
+    """A nacked array may still be mapped by its first consumer: never recycle it."""
+    tx, rx = connect(), connect()
+    inbox = Inbox()
+    rx.subscribe("again", inbox, disable_mangling=True, acknowledgement=True)
+    tx.raw_send("again", np.full((512, 512), 7.0))
+    h1, first = inbox.wait(1)[0]
+    rx.nack(h1)
+    h2 = inbox.wait(2)[1][0]
+    assert h2["redelivered"] is True
+    rx.ack(h2)
+    del inbox.items[1]
+    gc.collect()
+    assert list((Path(tx.store_path) / "pool").iterdir()) == []
+    tx.raw_send("again", np.full((512, 512), 8.0))
+    h3, third = inbox.wait(2)[-1]  # (the redelivery was dropped above)
+    rx.ack(h3)
+    assert (first == 7.0).all() and (third == 8.0).all()
+
+
+@pytest.mark.parametrize("middleware", [False, True])
+def test_send_and_ack_run_workflows_middleware(connect: Any, middleware: bool) -> None:
+    """send()/ack() skip workflows' middleware chain only when there is none to run."""
+    from workflows.transport.middleware import CounterMiddleware
+
+    tx, rx = connect(), connect()
+    counters = [CounterMiddleware(), CounterMiddleware()]
+    if middleware:
+        tx.add_middleware(counters[0])
+        rx.add_middleware(counters[1])
+    inbox = Inbox()
+    rx.subscribe("mw", inbox, acknowledgement=True, prefetch_count=10)
+    for i in range(3):
+        tx.send("mw", {"i": i})
+    got = inbox.wait(3)
+    assert [m for _, m in got] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    for h, _ in got:
+        rx.ack(h)
+    with pytest.raises(workflows.Error, match="without message ID"):
+        rx.ack({"subscription": got[0][0]["subscription"]})
+    with pytest.raises(workflows.Error, match="without subscription ID"):
+        rx.ack(got[0][0]["message-id"])
+    assert counters[0].send_count == (3 if middleware else 0)
+    assert counters[1].ack_count == (3 if middleware else 0)
+    assert tx.queue_depth("mw") == 0
 
 
 def test_delay_and_expiration(connect: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue as queue_module
 import signal
 import subprocess
 import sys
@@ -537,6 +538,28 @@ class Conformance:
         assert h["redelivered"] is True
         rx.ack(h)
 
+    def test_acked_message_stays_acked_after_consumer_sigkill(self, backend: Backend) -> None:
+        # The ack comes from another thread than the transport's (as in a workflows service)
+        # while the consumer is idle: it must take effect without further traffic.
+        q = backend.queue("ackkill")
+        worker = backend.spawn("mainack", queue=q)
+        assert read_lines(worker, 1, 30)[0]["ready"]
+        tx = backend.transport()
+        tx.send(q, {"job": 1})
+        seen, acked = read_lines(worker, 2, 15)
+        assert seen["message"] == {"job": 1} and acked == {"acked": {"job": 1}}
+        time.sleep(0.05)  # the ack takes effect promptly, not at the next janitor round
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        tx.send(q, {"job": 2})
+        inbox = Inbox()
+        rx = backend.transport()
+        rx.subscribe(q, inbox, acknowledgement=True)
+        [(h, m)] = inbox.wait(1, timeout=20)
+        assert m == {"job": 2} and h["redelivered"] is False
+        rx.ack(h)
+        assert inbox.quiet(1.5) == 1  # > janitor interval: the dead worker was recovered
+
     def test_many_producers_and_consumers(self, backend: Backend) -> None:
         q = backend.queue("many")
         per, producers, consumers = 150, 3, 3
@@ -644,6 +667,26 @@ def worker(spec: dict[str, Any]) -> None:
         sid = t.subscribe(queue, on_job, acknowledgement=True)
         _emit({"ready": True})
         stop.wait(120)
+        return
+
+    if mode == "mainack":  # callbacks on the transport's thread, acks from the main thread
+        todo: queue_module.Queue[tuple[dict[str, Any], Any]] = queue_module.Queue()
+
+        def on_job(header: dict[str, Any], message: Any) -> None:
+            _emit({"message": message, "redelivered": header["redelivered"]})
+            todo.put((header, message))
+
+        t.subscribe(queue, on_job, acknowledgement=True, prefetch_count=5)
+        _emit({"ready": True})
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                header, message = todo.get(timeout=0.05)
+            except queue_module.Empty:
+                continue
+            t.ack(header)
+            _emit({"acked": message})
+        t.disconnect()
         return
 
     def on_message(header: dict[str, Any], message: Any) -> None:

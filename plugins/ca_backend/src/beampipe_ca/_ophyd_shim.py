@@ -17,13 +17,19 @@ What changes against ophyd's own pyepics shim, and why:
 * **One libca, one context**: the PVs are pyepics PVs on epicscorelibs'
   libca, in the context aioca and beampipe-ca's bulk reads use.
 
-Everything else (the dispatcher, puts with completion, monitors) is ophyd's
-own ``PyepicsShimPV``, so devices behave as they do on the pyepics layer.
+* **Monitors on per-Device lanes** (``_monitors``): a slow callback stalls
+  only its own top-level Device, and a Device's callbacks keep their order
+  (EpicsMotor's RBV before DMOV).
+
+Everything else (puts with completion, connection and access callbacks on
+ophyd's dispatcher threads) is ophyd's own ``PyepicsShimPV``, so devices
+behave as they do on the pyepics layer.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -31,6 +37,7 @@ from typing import Any
 import beampipe
 
 from ._libca import context as ca_context
+from ._monitors import lane_key, lanes
 
 beampipe.import_ophyd()
 import epics  # noqa: E402 - after ophyd is imported the way beampipe says
@@ -59,9 +66,61 @@ caget = _base.caget
 caput = _base.caput
 
 
+class _LaneThreadContext:
+    """ophyd's "monitor" thread context for our signals: their lane instead of one thread.
+
+    ophyd runs a signal's SUB_META callbacks through this (``_metadata_thread_ctx``):
+    inline when already on the monitor thread, queued to it otherwise.  Here "the
+    monitor thread" is a lane worker, and queued work goes to the signal's own
+    lane, so value and metadata callbacks of one Device stay in one order.
+    """
+
+    event_type = "monitor"
+
+    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        monitor_lanes = lanes()
+        if monitor_lanes.in_worker():
+            func(*args, **kwargs)
+        else:
+            monitor_lanes.post(lane_key(func, func), func, args, kwargs)
+
+    __call__ = run
+
+
+class _Dispatcher:
+    """ophyd's dispatcher with the "monitor" thread context replaced by per-Device lanes."""
+
+    def __init__(self, base: Any) -> None:
+        self._base = base
+        self._monitor = _LaneThreadContext()
+
+    def get_thread_context(self, name: str) -> Any:
+        if name == "monitor":
+            return self._monitor
+        return self._base.get_thread_context(name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._base, attr)
+
+    def __repr__(self) -> str:
+        return f"<beampipe-ca dispatcher over {self._base!r}>"
+
+
+_dispatcher: _Dispatcher | None = None
+
+#: ``BEAMPIPE_CA_MONITOR_LANES=0`` keeps ophyd's single monitor thread (the pyepics layer's way).
+_use_lanes = os.environ.get("BEAMPIPE_CA_MONITOR_LANES", "1") != "0"
+
+
 def get_dispatcher() -> Any:
-    """ophyd's event dispatcher for this layer (shared with the pyepics layer's)."""
-    return _base.get_dispatcher()
+    """ophyd's event dispatcher (shared with the pyepics layer), monitors on per-Device lanes."""
+    global _dispatcher
+    base = _base.get_dispatcher()
+    if base is None or not _use_lanes:
+        return base
+    if _dispatcher is None or _dispatcher._base is not base:
+        _dispatcher = _Dispatcher(base)
+    return _dispatcher
 
 
 def setup(logger: logging.Logger) -> Any:
@@ -200,31 +259,99 @@ def _apply(pv: Any, tval: Any, cval: Any) -> dict[str, Any]:
     return md
 
 
+class _Pending:
+    """A PV's metadata prefetch in flight, and the ophyd callbacks waiting for it."""
+
+    __slots__ = ("stale", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: list[tuple[Callable[[str, dict[str, Any]], None], float]] = []
+        self.stale = False
+
+
+#: ``BEAMPIPE_CA_PREFETCH=0``: read metadata only when ophyd asks (for comparisons).
+_prefetch = os.environ.get("BEAMPIPE_CA_PREFETCH", "1") != "0"
+
+#: A PV whose prefetched metadata ophyd has taken: no prefetch on later reconnections
+#: (ophyd asks for initial metadata once per signal).
+_USED = "used"
+
+
 class _MetadataBatcher:
-    """Collects ``get_all_metadata_callback`` requests; a short-lived thread serves them in batches.
+    """Serves ophyd's metadata requests in batches; a short-lived thread does the reads.
 
     While one batch is on the wire, new requests queue and leave together as
     the next one.  The thread exits as soon as the queue is empty, so nothing
     lingers between connection storms.
+
+    A PV's first connection also starts its metadata read at once (*prefetch*),
+    from the libca thread that reports it: ophyd only asks for the metadata when
+    its single metadata thread gets to that PV's connection callback, which for a
+    200-PV Device is ~15 ms of other signals' callbacks later.  ophyd's request
+    then takes the prefetched result (or waits for it) instead of a new read.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: list[tuple[Any, Callable[[str, dict[str, Any]], None], float]] = []
+        self._queue: list[tuple[Any, Callable[[str, dict[str, Any]], None] | None, float]] = []
         self._thread: threading.Thread | None = None
         #: Batches served, for tests and benchmarks.
         self.batches = 0
+        #: Requests answered from a prefetch, for tests and benchmarks.
+        self.prefetch_hits = 0
+
+    def _enqueue(
+        self, pv: Any, callback: Callable[[str, dict[str, Any]], None] | None, timeout: float
+    ) -> None:
+        # Called with self._lock held.
+        self._queue.append((pv, callback, timeout))
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="beampipe-ca-metadata", daemon=True
+            )
+            self._thread.start()
+
+    def on_connection(self, pv: Any, conn: bool) -> None:
+        """A PV object's connection changed (libca thread): prefetch on its first connection."""
+        if not _prefetch:
+            return
+        with self._lock:
+            state = getattr(pv, "_bp_md", None)
+            if not conn:
+                if isinstance(state, _Pending):
+                    state.stale = True
+                elif isinstance(state, dict):
+                    pv._bp_md = None  # read before the disconnect: not for the next connection
+                return
+            if state is None:
+                pv._bp_md = _Pending()
+                self._enqueue(pv, None, 10.0)
 
     def submit(
         self, pv: Any, callback: Callable[[str, dict[str, Any]], None], timeout: float
     ) -> None:
+        ready: dict[str, Any] | None = None
         with self._lock:
-            self._queue.append((pv, callback, timeout))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="beampipe-ca-metadata", daemon=True
-                )
-                self._thread.start()
+            state = getattr(pv, "_bp_md", None)
+            if isinstance(state, _Pending) and not state.stale:
+                state.waiters.append((callback, timeout))
+                return
+            if isinstance(state, dict):
+                pv._bp_md, ready = _USED, state
+                self.prefetch_hits += 1
+            else:
+                self._enqueue(pv, callback, timeout)
+        if ready is not None:
+            self._deliver(pv, callback, ready)
+
+    @staticmethod
+    def _deliver(
+        pv: Any, callback: Callable[[str, dict[str, Any]], None], md: dict[str, Any]
+    ) -> None:
+        try:
+            callback(pv.pvname, md)
+        except Exception:
+            logger.exception("%s: metadata callback %r failed", pv.pvname, callback)
 
     def _run(self) -> None:
         while True:
@@ -235,27 +362,135 @@ class _MetadataBatcher:
                     return
             self.batches += 1
             try:
-                found = fetch_metadata([pv for pv, _cb, _t in items], max(t for *_x, t in items))
-            except Exception:
+                found: list[dict[str, Any] | str] = fetch_metadata(
+                    [pv for pv, _cb, _t in items], max(t for *_x, t in items)
+                )
+            except Exception as exc:
                 logger.exception("metadata batch of %d PVs failed", len(items))
-                continue
+                found = [f"{pv.pvname}: {exc!r}" for pv, _cb, _t in items]
             for (pv, callback, _timeout), md in zip(items, found, strict=True):
-                if isinstance(md, dict):
-                    try:
-                        callback(pv.pvname, md)
-                    except Exception:
-                        logger.exception("%s: metadata callback %r failed", pv.pvname, callback)
+                deliver: list[Callable[[str, dict[str, Any]], None]] = []
+                if callback is None:  # a prefetch
+                    with self._lock:
+                        state = pv._bp_md
+                        waiters = state.waiters if isinstance(state, _Pending) else []
+                        if not isinstance(md, dict) or (
+                            isinstance(state, _Pending) and state.stale
+                        ):
+                            pv._bp_md = None
+                            for cb, timeout in waiters:  # read them afresh
+                                self._enqueue(pv, cb, timeout)
+                            continue
+                        if waiters:
+                            pv._bp_md = _USED
+                            self.prefetch_hits += len(waiters)
+                            deliver = [cb for cb, _t in waiters]
+                        else:
+                            pv._bp_md = md
+                elif isinstance(md, dict):
+                    deliver = [callback]
                 else:
                     # ophyd falls back to get_all_metadata_blocking in wait_for_connection,
                     # which raises with this reason if it persists.
                     logger.warning("%s: initial metadata not read: %s", pv.pvname, md)
+                for cb in deliver:
+                    assert isinstance(md, dict)
+                    self._deliver(pv, cb, md)
 
 
 _batcher = _MetadataBatcher()
 
 
+def _metadata_queue() -> Any:
+    return _base.get_dispatcher()._threads["metadata"].queue
+
+
+class _Queued:
+    """What ophyd's ``wrap_callback`` makes (run ``callback`` on a dispatcher thread), cheaper."""
+
+    __slots__ = ("__wrapped__", "queue")
+    _wrapped_callback = True
+
+    def __init__(self, callback: Callable[..., Any], queue: Any) -> None:
+        self.__wrapped__ = callback
+        self.queue = queue
+
+    @classmethod
+    def wrap(cls, callback: Any, queue: Any) -> Any:
+        if callback is None or getattr(callback, "_wrapped_callback", False):
+            return callback
+        return cls(callback, queue)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.queue.put((self.__wrapped__, args, kwargs))
+
+
+class _ConnectionQueued(_Queued):
+    """ophyd's connection callback, queued as ophyd would; a first connection prefetches."""
+
+    __slots__ = ("pv",)
+
+    def __init__(self, callback: Callable[..., Any], queue: Any, pv: Any) -> None:
+        super().__init__(callback, queue)
+        self.pv = pv
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        _batcher.on_connection(self.pv, bool(kwargs.get("conn")))
+        self.queue.put((self.__wrapped__, args, kwargs))
+
+
 class BeampipeShimPV(_base.PyepicsShimPV):
-    """ophyd's pyepics PV with its metadata reads batched over beampipe-ca."""
+    """ophyd's pyepics PV with its metadata reads batched and its monitors on per-Device lanes."""
+
+    def __init__(
+        self,
+        pvname: str,
+        callback: Any = None,
+        connection_callback: Any = None,
+        access_callback: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        # Pre-wrapped, so ophyd's __init__ does not wrap them again: the monitor callback
+        # goes to its lane, not ophyd's single monitor thread, and the connection and
+        # access callbacks to ophyd's metadata thread as before, through a cheaper wrapper
+        # than ophyd's functools.wraps closure (a 200-PV Device makes 400 of them).
+        if callback is not None and _use_lanes:
+            callback = lanes().wrap(callback, pvname)
+        metadata_queue = _metadata_queue()
+        self._bp_md: Any = None  # metadata prefetch state (_MetadataBatcher)
+        on_connection = (
+            None
+            if connection_callback is None
+            else _ConnectionQueued(connection_callback, metadata_queue, self)
+        )
+        super().__init__(
+            pvname,
+            callback=callback,
+            connection_callback=on_connection,
+            access_callback=_Queued.wrap(access_callback, metadata_queue),
+            **kwargs,
+        )
+
+    def add_callback(
+        self,
+        callback: Any = None,
+        index: Any = None,
+        run_now: bool = False,
+        with_ctrlvars: bool = True,
+        **kw: Any,
+    ) -> Any:
+        """As ophyd's, but the callback runs on its Device's lane, not ophyd's monitor thread."""
+        if not self.auto_monitor:  # type: ignore[has-type]
+            self.auto_monitor = epics.ca.DEFAULT_SUBSCRIPTION_MASK
+        if not _use_lanes:
+            return super().add_callback(
+                callback, index=index, run_now=run_now, with_ctrlvars=with_ctrlvars, **kw
+            )
+        if callback is not None:
+            callback = lanes().wrap(callback, self)
+        return epics.PV.add_callback(
+            self, callback=callback, index=index, run_now=run_now, with_ctrlvars=with_ctrlvars, **kw
+        )
 
     def get_all_metadata_blocking(self, timeout: float) -> dict[str, Any]:
         md = fetch_metadata([self], timeout)[0]
@@ -325,6 +560,23 @@ def _detach(pv: Any, entry: Any) -> None:
             registered.remove(ours)
 
 
+def _clear_subscription(pv: Any) -> None:
+    """End a PV object's monitor subscription, connected or not.
+
+    pyepics' ``clear_auto_monitor`` goes through ``_check_auto_monitor``, which
+    returns early for a PV that is not connected (or has no chid): the libca
+    subscription then outlives the PV object, its events hit a released PV
+    ("Expected CA context is unset") and, once the PV is collected, libca calls
+    a freed ctypes callback.  Clear the subscription itself.
+    """
+    pv._auto_monitor = False
+    clear = getattr(pv, "_clear_auto_monitor_subscription", None)
+    if clear is not None:
+        clear()
+    else:  # a pyepics without it: the public call, connected PVs only
+        pv.clear_auto_monitor()
+
+
 def release_pvs(*pvs: Any) -> None:
     """Release PV objects; the libca channel goes only when no other PV object listens on it.
 
@@ -338,11 +590,11 @@ def release_pvs(*pvs: Any) -> None:
         pv._reference_count -= 1
         if pv._reference_count > 0:
             continue
+        pv.clear_callbacks()
+        _clear_subscription(pv)
         with _release_lock:
             chid, pvname, pv_context = _chid(pv), pv.pvname, pv.context
             pv.chid = None
-        pv.clear_callbacks()
-        pv.clear_auto_monitor()
         if chid is not None:
             entry = epics.ca._cache.get(pv_context, {}).get(pvname)
             _detach(pv, entry)

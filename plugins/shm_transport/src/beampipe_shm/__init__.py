@@ -19,7 +19,7 @@ from ._errors import (
     StreamNotFound,
 )
 from ._inspect import ReaderInfo, StreamInfo, inspect, list_streams
-from ._integrations import FrameCallback, SignalFramePublisher, publish_signal
+from ._integrations import FrameCallback, SignalFramePublisher, publish_frame, publish_signal
 from ._layout import Schema, StreamSpec
 from ._producer import ControlMessage, Producer, WritableFrame
 from ._reader import Frame, Reader, ReaderStats
@@ -47,6 +47,7 @@ __all__ = [
     "WritableFrame",
     "inspect",
     "list_streams",
+    "publish_frame",
     "publish_signal",
 ]
 

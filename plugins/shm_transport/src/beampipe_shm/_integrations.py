@@ -33,7 +33,7 @@ from ._producer import Producer
 if TYPE_CHECKING:
     from ophyd_async.core import SignalR
 
-__all__ = ["FrameCallback", "SignalFramePublisher", "publish_signal"]
+__all__ = ["FrameCallback", "SignalFramePublisher", "publish_frame", "publish_signal"]
 
 log = logging.getLogger("beampipe_shm")
 
@@ -44,6 +44,41 @@ def _pixels(value: Any) -> np.ndarray[Any, Any]:
         return value
     data = getattr(value, "data", None)
     return np.asarray(data if isinstance(data, np.ndarray) else value)
+
+
+def publish_frame(
+    producer: Producer,
+    value: Any,
+    *,
+    stream: str | None = None,
+    timestamp: float | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> int | None:
+    """Publish one detector frame: an ndarray, or an NTNDArray-like frame object.
+
+    A frame object (``beampipe_pva.NDArrayFrame`` from ``bulk_get`` or a monitor)
+    gives its ``.data``; its integer ``unique_id`` becomes the frame id and its
+    ``timestamp`` (the detector's dataTimeStamp) the frame timestamp unless
+    ``timestamp`` is given, so a reader sees the detector's numbering, not ours.
+    Returns the frame's sequence number, or None if every slot was leased (the
+    drop is counted in ``producer.dropped``).  Raises what ``Producer.publish``
+    raises (``SchemaMismatch``, ``FrameTooLarge``), naming the stream.
+    """
+    names = producer.schema.names
+    if stream is None:
+        if len(names) != 1:
+            raise ValueError(f"stream {producer.name!r} has streams {names}: say which one")
+        stream = names[0]
+    uid = getattr(value, "unique_id", None)
+    if timestamp is None:
+        ts = getattr(value, "timestamp", None)
+        timestamp = float(ts) if isinstance(ts, int | float) and ts else None
+    return producer.publish(
+        {stream: _pixels(value)},
+        frame_id=uid if isinstance(uid, int) and not isinstance(uid, bool) else None,
+        timestamp=timestamp,
+        attrs=attrs or None,
+    )
 
 
 class SignalFramePublisher:
@@ -89,13 +124,12 @@ class SignalFramePublisher:
             return
         try:
             reading = readings[self.signal.name]
-            value = reading["value"]
-            uid = getattr(value, "unique_id", None)
-            self.producer.publish(
-                {self.stream: _pixels(value)},
-                frame_id=uid if isinstance(uid, int) else None,
+            publish_frame(
+                self.producer,
+                reading["value"],
+                stream=self.stream,
                 timestamp=float(reading.get("timestamp", 0.0)) or None,
-                attrs=self.attrs or None,
+                attrs=self.attrs,
             )
             self.published += 1
         except (ShmError, KeyError, ValueError, TypeError) as exc:

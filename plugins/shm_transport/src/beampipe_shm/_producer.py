@@ -20,7 +20,15 @@ import numpy as np
 
 from . import _layout as L
 from ._errors import FrameTooLarge, NameInUse, SchemaMismatch
-from ._sys import fence, futex_wake, lock_held_by_other, store_fence, try_lock, unlock
+from ._sys import (
+    WEAK_ORDER,
+    fence,
+    futex_wake,
+    lock_held_by_other,
+    store_fence,
+    try_lock,
+    unlock,
+)
 
 __all__ = ["ControlMessage", "Producer", "WritableFrame"]
 
@@ -609,11 +617,18 @@ class Producer:
             w[sw + L.S_ATTRS_LEN] = 0
         for i, sname, rows in self._variable:
             w[sw + L.S_LEAD + i] = f._rows.get(sname, rows)
-        w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
-        store_fence()  # payload and metadata before the even sequence
-        w[sw + L.S_SEQ] = 2 * seq
-        store_fence()  # the slot before the pointer to it
-        w[L.H_LATEST] = seq * 256 + k
+        latest = seq * 256 + k
+        even = 2 * seq
+        if WEAK_ORDER:
+            w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
+            store_fence()  # payload and metadata before the even sequence
+            w[sw + L.S_SEQ] = even
+            store_fence()  # the slot before the pointer to it
+            w[L.H_LATEST] = latest
+        else:  # x86-64 keeps stores in order: no fence calls between the stamp and LATEST
+            w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
+            w[sw] = even  # (L.S_SEQ is word 0 of a slot)
+            w[16] = latest  # L.H_LATEST
         w[L.H_NOTIFY] = (w[L.H_NOTIFY] + 1) & 0xFFFFFFFF
         self._slot_seq[k] = seq
         self._latest_k = k

@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 __all__ = [
     "PAGE",
+    "WEAK_ORDER",
     "fence",
     "futex_wait",
     "futex_wake",
@@ -91,6 +92,9 @@ def _noop() -> None:
     return None
 
 
+#: whether loads and stores need fences between them (aarch64): hot loops test this flag
+#: instead of calling a no-op fence on x86-64
+WEAK_ORDER = _ARM64
 store_fence: Callable[[], None] = fence if _ARM64 else _noop
 load_fence: Callable[[], None] = fence if _ARM64 else _noop
 #: before a store that hands memory back (a lease cleared after reading the slot): earlier

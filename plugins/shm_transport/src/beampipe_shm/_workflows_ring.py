@@ -20,6 +20,8 @@ inotify; a writer rings only consumers that said (under the lock) they found not
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import mmap
 import os
@@ -38,8 +40,21 @@ _ANY_SLEEPER = 40  # header byte: some slot is sleeping (saves writers a 64-slot
 _SLOT_BASE = 64
 _DATA = 4096
 _REC = struct.Struct("<IBBHII")  # length, state, slot, flags, returns, meta length
+_TAIL = struct.Struct("<Q")
+_NOBODY: list[str] = []  # returned, never mutated
 WRAP, READY, HELD, DONE = 0, 1, 2, 3
 RING_MAX_RECORD = 16384
+
+# flock() through a PyDLL keeps the GIL: fcntl.flock releases it around the syscall, and in a
+# process whose consumer thread waits for the GIL every release becomes a thread switch (two
+# per ring operation).  Only the non-blocking attempt runs that way; a lock held by another
+# process is waited for with fcntl.flock, GIL released, so our other threads keep running.
+_libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_flock = _libc.flock
+_flock.argtypes = [ctypes.c_int, ctypes.c_int]
+_flock.restype = ctypes.c_int
+_TRY_EX = fcntl.LOCK_EX | fcntl.LOCK_NB
+_UN = fcntl.LOCK_UN
 
 
 @dataclass
@@ -94,14 +109,26 @@ class Ring:
             self.mm.close()
         os.close(self.fd)
 
+    def acquire(self) -> None:
+        self._tlock.acquire()
+        if _flock(self.fd, _TRY_EX) != 0:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)  # contended: wait with the GIL released
+            except BaseException:
+                self._tlock.release()
+                raise
+
+    def release_lock(self) -> None:
+        _flock(self.fd, _UN)
+        self._tlock.release()
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with self._tlock:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release_lock()
 
     # -- header fields (call with the lock held) -----------------------------------------
 
@@ -119,7 +146,7 @@ class Ring:
         length, _state, _slot, pad, stored, mlen = self._rec(offset)
         a = _DATA + offset % self.size + _REC.size
         end = _DATA + offset % self.size + length - pad
-        meta, body = bytes(self.mm[a : a + mlen]), bytes(self.mm[a + mlen : end])
+        meta, body = self.mm[a : a + mlen], self.mm[a + mlen : end]  # mmap slices are copies
         return Record(offset, stored if returns is None else returns, meta, body)
 
     # -- slots: which consumer holds what --------------------------------------------------
@@ -164,51 +191,84 @@ class Ring:
 
     def append(self, meta: bytes, body: bytes) -> list[str] | None:
         """Append a READY record; None if the ring is full. Returns consumers to wake."""
-        need = _align(_REC.size + len(meta) + len(body))
-        with self.locked():
-            head, tail, cursor = self._get()
-            pos = tail % self.size
-            free = self.size - (tail - head)
-            if pos + need > self.size:  # does not fit before the end: wrap
-                gap = self.size - pos
+        n = _REC.size + len(meta) + len(body)
+        need = (n + 7) & ~7
+        size, mm, fd = self.size, self.mm, self.fd
+        self._tlock.acquire()  # acquire(), inlined: this is the hot path of every send
+        if _flock(fd, _TRY_EX) != 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._tlock.release()
+                raise
+        try:
+            _m, _v, _s, head, tail, _c = _HDR.unpack_from(mm, 0)
+            pos = tail % size
+            free = size - (tail - head)
+            if pos + need > size:  # does not fit before the end: wrap
+                gap = size - pos
                 if free < gap + need:
                     return None
-                _REC.pack_into(self.mm, _DATA + pos, gap, WRAP, 0, 0, 0, 0)
+                _REC.pack_into(mm, _DATA + pos, gap, WRAP, 0, 0, 0, 0)
                 tail += gap
                 pos = 0
                 free -= gap
             if free < need:
                 return None
-            start = _DATA + pos
-            pad = need - (_REC.size + len(meta) + len(body))  # kept in "flags"
-            _REC.pack_into(self.mm, start, need, READY, 0, pad, 0, len(meta))
-            a = start + _REC.size
-            self.mm[a : a + len(meta)] = meta
-            self.mm[a + len(meta) : a + len(meta) + len(body)] = body
-            self._set(head, tail + need, cursor)  # the publish: bytes first, then tail
-            return self._sleepers()
+            start = _DATA + pos  # one copy into the ring: record header, meta, body
+            mm[start : start + n] = _REC.pack(need, READY, 0, need - n, 0, len(meta)) + meta + body
+            _TAIL.pack_into(mm, 24, tail + need)  # the publish: bytes first, then tail
+            return self._sleepers() if mm[_ANY_SLEEPER] else _NOBODY
+        finally:
+            _flock(fd, _UN)
+            self._tlock.release()
 
     # -- consumer --------------------------------------------------------------------------
 
-    def claim(self, slot: int, limit: int, auto_ack: bool) -> list[Record]:
-        """Take up to ``limit`` READY records (oldest first) for ``slot``."""
+    def claim(
+        self,
+        slot: int,
+        limit: int,
+        auto_ack: bool,
+        acks: list[int] | None = None,
+        arm: bool = True,
+    ) -> list[Record]:
+        """Take up to ``limit`` READY records (oldest first) for ``slot``.
+
+        ``acks``: offsets this slot acknowledged since its last claim, marked DONE under the
+        same lock (a consumer's acks cost no lock of their own).  ``arm``: if nothing is
+        READY, ask writers to ring this slot's bell.
+        """
         out: list[Record] = []
-        with self.locked():
+        mm, size = self.mm, self.size
+        self.acquire()
+        try:
+            if acks:
+                for o in acks:
+                    if self._check_held(o, slot):
+                        mm[_DATA + o % size + 4] = DONE
             head, tail, cursor = self._get()
             o = max(cursor, head)
+            state_now = DONE if auto_ack else HELD
             while o < tail and len(out) < limit:
-                length, state, *_ = self._rec(o)
+                base = _DATA + o % size
+                length, state, _slot, pad, returns, mlen = _REC.unpack_from(mm, base)
                 if state == READY:
-                    out.append(self._record(o))
-                    self.mm[_DATA + o % self.size + 4] = DONE if auto_ack else HELD
-                    self.mm[_DATA + o % self.size + 5] = slot
+                    a = base + _REC.size
+                    out.append(
+                        Record(o, returns, mm[a : a + mlen], mm[a + mlen : base + length - pad])
+                    )
+                    mm[base + 4] = state_now
+                    mm[base + 5] = slot
                 o += length
             cursor = o
-            if auto_ack:
+            if auto_ack or acks:
                 head = self._advance(head, tail)
             self._set(head, tail, cursor)
-            if not out:  # drained: ask writers to ring our bell (callers retry after a catch)
+            if not out and arm:  # drained: writers ring our bell (callers retry after a catch)
                 self.set_sleeping(slot, True)
+        finally:
+            self.release_lock()
         return out
 
     def _advance(self, head: int, tail: int) -> int:

@@ -16,7 +16,9 @@ Layout::
       c/<consumer>/h/<queue>/<name>  messages delivered to <consumer>, not yet acknowledged
       c/<consumer>/own/<queue>       temporary queues <consumer> owns (content: topic or "")
       c/<consumer>/tx-<id>.json      committed transaction being applied (redo log)
+      c/<consumer>/m/<name>          consumed array messages whose mapping is still in use
       tmp/<consumer>.<n>             messages being written or staged in a transaction
+      pool/<size>.<pid>.<n>          files of consumed arrays, kept for the next send of that size
       gone/<queue>                   tombstones of deleted temporary queues
 
 A message name is ``<due ns>.<pid>.<seq>~<returns>``: sorting by name is delivery order
@@ -59,6 +61,10 @@ _PREFIX = struct.Struct("<4sI")
 _ALIGN = 64  # numpy bodies start 64-byte aligned so a mapped array is SIMD friendly
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _MAX_NAME = 200
+# Array files of at least this size are reused: allocating tmpfs pages for a new file costs
+# ~4x rewriting an existing one.  The pool keeps at most _POOL_BYTES parked per namespace.
+POOL_MIN = 1 << 20
+_POOL_BYTES = 64 << 20
 _seq = itertools.count()
 _last_due = 0
 _pid = os.getpid()
@@ -250,13 +256,14 @@ class Store:
         self.c = os.path.join(path, "c")
         self.tmp = os.path.join(path, "tmp")
         self.gone = os.path.join(path, "gone")
+        self.pool = os.path.join(path, "pool")
         self._configs: dict[str, tuple[float, QueueConfig | None]] = {}
         self._writes = 0
 
     # -- layout ------------------------------------------------------------------------
 
     def create(self) -> None:
-        for d in (self.q, self.t, self.c, self.tmp, self.gone):
+        for d in (self.q, self.t, self.c, self.tmp, self.gone, self.pool):
             os.makedirs(d, mode=0o700, exist_ok=True)
 
     def ready(self, queue: str) -> str:
@@ -301,6 +308,9 @@ class Store:
             return
         st = os.statvfs(self.path)
         free = st.f_bavail * st.f_frsize
+        if free - size < self.reserve_bytes and self.purge_pool():
+            st = os.statvfs(self.path)  # parked array files were in the way: not any more
+            free = st.f_bavail * st.f_frsize
         if free - size < self.reserve_bytes:
             raise ShmStoreFull(
                 f"shared-memory store {self.path} is full: sending {size} bytes to {what} "
@@ -312,9 +322,10 @@ class Store:
         """Write a message to tmp/ (not yet visible to anyone) and return its path."""
         size = sum(len(p) for p in parts)
         self.check_space(size, what)
-        tmp = f"{self.tmp}/{owner}.{next(_seq)}"
+        reused = self._reuse(owner, size) if size >= POOL_MIN else None
+        tmp = reused or f"{self.tmp}/{owner}.{next(_seq)}"
         try:
-            fd = os.open(tmp, _OPEN_NEW, 0o600)
+            fd = os.open(tmp, (os.O_WRONLY | os.O_CLOEXEC) if reused else _OPEN_NEW, 0o600)
         except FileNotFoundError:
             raise ShmStoreError(
                 f"shared-memory store {self.path} has gone (removed while in use?)"
@@ -333,6 +344,48 @@ class Store:
             raise
         os.close(fd)
         return tmp
+
+    def _reuse(self, owner: str, size: int) -> str | None:
+        """Claim a parked file of exactly ``size`` bytes into tmp/ (rename: one winner)."""
+        try:
+            names = os.listdir(self.pool)
+        except FileNotFoundError:
+            return None
+        prefix = f"{size}."
+        for name in names:
+            if name.startswith(prefix):
+                tmp = f"{self.tmp}/{owner}.{next(_seq)}"
+                try:
+                    os.rename(f"{self.pool}/{name}", tmp)
+                except FileNotFoundError:
+                    continue  # another sender took it
+                return tmp
+        return None
+
+    def recycle(self, path: str, size: int) -> None:
+        """Park the file of a consumed, unmapped array message for reuse (else delete it).
+
+        Only files nobody else can have mapped come here: first deliveries of queue (not
+        topic) messages, which exist under exactly one name (``st_nlink`` 1).
+        """
+        with contextlib.suppress(OSError, ValueError):
+            names = os.listdir(self.pool)
+            parked = sum(int(n.split(".", 1)[0]) for n in names)
+            if size >= POOL_MIN and parked + size <= _POOL_BYTES and os.stat(path).st_nlink == 1:
+                os.rename(path, f"{self.pool}/{size}.{_pid}.{next(_seq)}")
+                return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def purge_pool(self) -> int:
+        """Delete every parked file (the store is short of space); how many went."""
+        gone = 0
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.pool):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.pool}/{name}")
+                    gone += 1
+        return gone
 
     def publish(self, tmp: str, queue: str, name: str) -> bool:
         """Make a staged message visible in ``queue``; False if it was a deleted temp queue."""

@@ -1,0 +1,255 @@
+"""The fast copy-out path, ``Reader.read_into``: same protocol, fewer Python steps.
+
+Each test pins down one thing the fast path must not get wrong where the general
+path already got it right: the seqlock, ordering and gap counts, the lease on big
+slots, rebinding buffers, metadata, timeouts, a restarted producer, bad input.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from beampipe_shm import Producer, Reader, SchemaMismatch, StreamSpec
+
+IMG = StreamSpec("img", "uint16", (8, 6))
+BIG = StreamSpec("img", "uint16", (512, 512))  # a 512 KiB slot: copied under a lease
+
+
+def fill(p: Producer, value: int, **kw: object) -> int:
+    with p.frame(**kw) as f:  # type: ignore[arg-type]
+        f["img"][...] = value
+    assert not f.dropped
+    return f.seq
+
+
+def test_read_into_copies_the_newest_frame_with_its_metadata(shm_name: str) -> None:
+    with Producer(shm_name, [IMG]) as p, Reader(shm_name) as r:
+        buf = np.zeros(IMG.shape, np.uint16)
+        assert r.read_into(buf, timeout=0) == 0
+        fill(p, 3, frame_id=-7, timestamp=1.5e9)
+        fill(p, 4, frame_id=42, timestamp=1.7e9)
+        assert r.read_into(buf, timeout=1.0) == 2
+        assert (buf == 4).all()
+        assert r.last_frame_id == 42
+        assert r.last_timestamp == 1.7e9
+        assert r.last_publish_ns > 0
+        assert r.last_missed == 1  # latest mode skipped frame 1
+        assert r.read_into(buf, timeout=0) == 0  # nothing new
+        fill(p, 5, frame_id=-7)
+        assert r.read_into(buf, timeout=0) == 3
+        assert r.last_frame_id == -7
+        assert r.stats.frames == 2
+        assert r.stats.missed == 1
+
+
+def test_read_into_every_mode_is_in_order_and_counts_gaps(shm_name: str) -> None:
+    with (
+        Producer(shm_name, [IMG], slots=3) as p,
+        Reader(shm_name, mode="every", start="next") as r,
+    ):
+        buf = np.zeros(IMG.shape, np.uint16)
+        for v in range(1, 6):  # 5 frames into 3 slots: the reader fell behind
+            fill(p, v)
+        got = []
+        while n := r.read_into(buf, timeout=0):
+            assert (buf == n).all()
+            got.append((n, r.last_missed))
+        assert got[-1][0] == 5
+        assert [n for n, _ in got] == sorted(n for n, _ in got)
+        assert sum(m for _, m in got) + len(got) == 5
+        assert r.stats.missed == sum(m for _, m in got)
+        for v in (6, 7):  # caught up: the fast path, one by one
+            fill(p, v)
+            assert r.read_into(buf, timeout=0) == v
+            assert r.last_missed == 0
+
+
+def test_read_into_accepts_a_mapping_and_rebinds_new_buffers(shm_name: str) -> None:
+    streams = [IMG, StreamSpec("pos", "<f8", (3,))]
+    with Producer(shm_name, streams) as p, Reader(shm_name) as r:
+        a, pos = np.zeros(IMG.shape, np.uint16), np.zeros(3)
+        p.publish({"img": np.full(IMG.shape, 2, np.uint16), "pos": np.arange(3.0)})
+        assert r.read_into({"img": a, "pos": pos}, timeout=1.0) == 1
+        assert (a == 2).all() and list(pos) == [0.0, 1.0, 2.0]
+        b = np.zeros(IMG.shape, np.uint16)
+        out = {"img": b, "pos": pos}
+        p.publish({"img": np.full(IMG.shape, 3, np.uint16), "pos": np.ones(3)})
+        assert r.read_into(out, timeout=1.0) == 2
+        assert (b == 3).all() and (a == 2).all()  # the new buffer, not the old one
+        out["img"] = a  # same dict, other array: noticed
+        p.publish({"img": np.full(IMG.shape, 4, np.uint16), "pos": np.ones(3)})
+        assert r.read_into(out, timeout=1.0) == 3
+        assert (a == 4).all() and (b == 3).all()
+        only_img = np.zeros(IMG.shape, np.uint16)  # a subset of the streams is fine
+        p.publish({"img": np.full(IMG.shape, 5, np.uint16), "pos": np.ones(3)})
+        assert r.read_into({"img": only_img}, timeout=1.0) == 4
+        assert (only_img == 5).all()
+        with pytest.raises(SchemaMismatch, match="pass a mapping"):
+            r.read_into(only_img)  # two streams: which one?
+
+
+def test_read_into_rejects_bad_buffers_naming_the_stream(shm_name: str) -> None:
+    with Producer(shm_name, [IMG]) as p, Reader(shm_name) as r:
+        fill(p, 1)
+        with pytest.raises(SchemaMismatch, match=shm_name):
+            r.read_into(np.zeros((8, 6), np.int32))
+        with pytest.raises(SchemaMismatch, match=shm_name):
+            r.read_into(np.zeros((6, 8), np.uint16))
+        with pytest.raises(SchemaMismatch, match="no array 'nope'"):
+            r.read_into({"nope": np.zeros(IMG.shape, np.uint16)})
+        ro = np.zeros(IMG.shape, np.uint16)
+        ro.flags.writeable = False
+        with pytest.raises(ValueError, match="read-only"):
+            r.read_into(ro)
+        with pytest.raises(TypeError, match=shm_name):
+            r.read_into([1, 2, 3])  # type: ignore[arg-type]
+        buf = np.zeros(IMG.shape, np.uint16)
+        with pytest.raises(ValueError, match="timeout"):
+            r.read_into(buf, timeout=-1)
+        assert r.read_into(buf) == 1  # after all that, a good buffer still works
+        r.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            r.read_into(buf, timeout=0)
+
+
+def test_read_into_discards_a_copy_the_producer_rewrote(shm_name: str) -> None:
+    """The seqlock on the fast path: the producer takes the slot back mid-copy."""
+    with Producer(shm_name, [IMG], slots=3) as p, Reader(shm_name) as r:
+        buf = np.zeros(IMG.shape, np.uint16)
+        fill(p, 1)
+        k = p._latest_k
+        assert r.read_into(buf, timeout=0) == 1  # binds the buffer, delivers frame 1
+        r._last = 0  # read frame 1 again, through the fast path
+
+        class Racing:
+            """A destination whose copy is interleaved with the producer's claim."""
+
+            def __init__(self, inner: object) -> None:
+                self.inner = inner
+
+            def __setitem__(self, key: object, value: object) -> None:
+                self.inner[key] = value  # type: ignore[index]
+                p._words[p._slot_word[k]] = 2 * 2 - 1  # frame 2 claims the slot now
+
+        r._into_pairs[k] = [(Racing(d), s) for d, s in r._into_pairs[k]]
+        torn = r.stats.torn
+        assert r.read_into(buf, timeout=0) == 0  # the torn copy is never returned
+        assert r.stats.torn == torn + 1
+        p._words[p._slot_word[k]] = 0  # the "crashed" rewrite: abandoned
+        r._into_key = None  # drop the doctored binding
+        fill(p, 3)
+        assert r.read_into(buf, timeout=0) == 2
+        assert (buf == 3).all()
+
+
+def test_read_into_big_frames_are_copied_under_a_lease(shm_name: str) -> None:
+    with Producer(shm_name, [BIG], slots=2) as p, Reader(shm_name) as r:
+        buf = np.zeros(BIG.shape, np.uint16)
+        fill(p, 7)
+        leases = []
+        real_copyto = np.copyto
+
+        def spying_copyto(dst: object, src: object) -> None:
+            rec = r._att.rw
+            leases.append([rec[32 + i] for i in range(2)])  # R_LEASES words during the copy
+            real_copyto(dst, src)  # type: ignore[arg-type]
+
+        np.copyto = spying_copyto  # type: ignore[assignment]
+        try:
+            assert r.read_into(buf, timeout=1.0) == 1
+        finally:
+            np.copyto = real_copyto
+        assert (buf == 7).all()
+        assert leases and any(leases[0])  # the slot was leased while it was copied
+        assert not any(r._att.rw[32 + i] for i in range(2))  # and given back after
+        assert r._n_leases == 0
+        for v in range(2, 6):  # the producer keeps going: slots come back every time
+            fill(p, v)
+            assert r.read_into(buf, timeout=1.0) == v
+            assert (buf == v).all()
+        assert p.dropped == 0
+
+
+def test_read_into_blocks_until_a_frame_comes_and_times_out(shm_name: str) -> None:
+    with Producer(shm_name, [IMG]) as p, Reader(shm_name, spin=0.0) as r:
+        buf = np.zeros(IMG.shape, np.uint16)
+        t0 = time.monotonic()
+        assert r.read_into(buf, timeout=0.2) == 0
+        assert 0.15 < time.monotonic() - t0 < 2.0
+        timer = threading.Timer(0.1, fill, (p, 9))
+        timer.start()
+        try:
+            assert r.read_into(buf, timeout=5.0) == 1  # woken from the futex sleep
+        finally:
+            timer.join()
+        assert (buf == 9).all()
+
+
+def test_a_frame_just_before_a_long_spin_is_not_missed(shm_name: str) -> None:
+    """A frame published between the failed first look and the spin's start must not cost
+    the whole spin (it used to: the spin waited for the *next* change of LATEST)."""
+    with Producer(shm_name, [IMG]) as p, Reader(shm_name, spin=5.0) as r:
+        buf = np.zeros(IMG.shape, np.uint16)
+        r.read_into(buf, timeout=0)  # bind
+        original = r._into_fast
+        first = []
+
+        def late_frame() -> int:
+            n = original()
+            if not first:  # the first look finds nothing, then the frame lands
+                first.append(1)
+                fill(p, 4)
+            return n
+
+        r._into_fast = late_frame  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        assert r.read_into(buf, timeout=10.0) == 1
+        assert time.monotonic() - t0 < 1.0
+        assert (buf == 4).all()
+        f = r.read(timeout=0)  # the general path, same situation
+        assert f is None
+        original_poll = r._poll
+        polled = []
+
+        def late_poll(out: object = None) -> object:
+            got = original_poll(out)  # type: ignore[arg-type]
+            if not polled:
+                polled.append(1)
+                fill(p, 5)
+            return got
+
+        r._poll = late_poll  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        g = r.read(timeout=10.0)
+        assert g is not None and g.seq == 2
+        assert time.monotonic() - t0 < 1.0
+        g.release()
+
+
+def test_read_into_follows_a_restarted_producer(shm_name: str) -> None:
+    buf = np.zeros(IMG.shape, np.uint16)
+    p = Producer(shm_name, [IMG])
+    r = Reader(shm_name)
+    try:
+        fill(p, 1)
+        assert r.read_into(buf, timeout=1.0) == 1
+        p.close()
+        p = Producer(shm_name, [IMG])
+        fill(p, 2)
+        deadline = time.monotonic() + 5
+        n = 0
+        while not n and time.monotonic() < deadline:
+            n = r.read_into(buf, timeout=0.2)
+        assert n == 1  # the new generation's first frame, copied from the new mapping
+        assert (buf == 2).all()
+        assert r.stats.reattached == 1
+        fill(p, 3)
+        assert r.read_into(buf, timeout=1.0) == 2  # and the fast path is bound to it again
+        assert (buf == 3).all()
+    finally:
+        r.close()
+        p.close()
