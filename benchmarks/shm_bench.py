@@ -141,10 +141,10 @@ def fill_loop(started: Any, stop: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- beampipe
-def bp_reader(name: str, copy: bool, ready: Any, out: Any) -> None:
+def bp_reader(name: str, copy: bool, ready: Any, out: Any, mode: str = "every") -> None:
     from beampipe_shm import Reader
 
-    r = Reader(name, mode="every", wait=10.0)
+    r = Reader(name, mode=mode, wait=10.0)  # type: ignore[arg-type]
     buf = np.empty(SHAPE, np.uint16)
     ready.set()
     times: list[float] = []
@@ -178,7 +178,9 @@ def bp_reader(name: str, copy: bool, ready: Any, out: Any) -> None:
     )
 
 
-def bench_beampipe(readers: int, copy: bool, fill: bool = True) -> dict[str, float]:
+def bench_beampipe(
+    readers: int, copy: bool, fill: bool = True, mode: str = "every"
+) -> dict[str, float]:
     from beampipe_shm import Producer, StreamSpec
 
     name = uniq("bench")
@@ -186,7 +188,7 @@ def bench_beampipe(readers: int, copy: bool, fill: bool = True) -> dict[str, flo
     p = Producer(name, [StreamSpec("img", "uint16", SHAPE)], slots=4)
     q = CTX.Queue()
     evs = [CTX.Event() for _ in range(readers)]
-    procs = [CTX.Process(target=bp_reader, args=(name, copy, e, q)) for e in evs]
+    procs = [CTX.Process(target=bp_reader, args=(name, copy, e, q, mode)) for e in evs]
     for pr in procs:
         pr.start()
     for e in evs:

@@ -665,7 +665,25 @@ class Reader:
         if words[sw] != s:
             self.stats.torn += 1
             return 0
-        return self._delivered(n, n - last - 1, meta)
+        # (_delivered, inlined: a call is ~0.1 us of a budget of a few tenths)
+        self._last = n
+        self._last_meta = meta
+        missed = n - last - 1
+        self.last_missed = missed
+        st = self.stats
+        st.frames += 1
+        rw = self._rw
+        rw[4] = n  # L.R_LAST_SEQ: the producer's slot choice reads it
+        rw[5] = st.frames  # L.R_FRAMES
+        if missed:
+            st.missed += missed
+            rw[6] = st.missed  # L.R_MISSED
+        self._beat_count += 1
+        if not self._beat_count & 31:  # idle paths beat too; a busy reader every 32 frames
+            now = time.monotonic_ns()
+            if now >= self._next_beat:
+                self._beat(now)
+        return n
 
     def _into_leased(self, k: int, n: int, s: int) -> int:
         """A long copy holds the slot instead of betting the producer stays away from it
@@ -781,9 +799,13 @@ class Reader:
                 if monotonic() >= spin_end:
                     break
                 continue
-            r = (fast and max(0, self._into_fast())) or self._poll(out)
-            if r:
-                return r
+            if fast:
+                n = self._into_fast()
+                if n > 0:
+                    return n
+            f = self._poll(out)
+            if f is not None:
+                return f
             latest = words[L.H_LATEST]
         while True:
             att = self._att
