@@ -158,11 +158,19 @@ def test_read_into_big_frames_are_copied_under_a_lease(shm_name: str) -> None:
             leases.append([rec[32 + i] for i in range(2)])  # R_LEASES words during the copy
             real_copyto(dst, src)  # type: ignore[arg-type]
 
-        np.copyto = spying_copyto  # type: ignore[assignment]
-        try:
-            assert r.read_into(buf, timeout=1.0) == 1
-        finally:
-            np.copyto = real_copyto
+        class Spy:
+            """A destination that records the lease words while it is being written."""
+
+            def __setitem__(self, key: object, value: object) -> None:
+                spying_copyto(buf, value)
+
+        assert r.read_into(buf, timeout=0) == 1  # binds; now spy on a second copy of frame 1
+        buf[...] = 0
+        r._last = 0
+        k = p._latest_k
+        r._into_pairs[k] = [(Spy(), s) for _, s in r._into_pairs[k]]
+        assert r.read_into(buf, timeout=1.0) == 1
+        r._into_key = None  # drop the doctored binding
         assert (buf == 7).all()
         assert leases and any(leases[0])  # the slot was leased while it was copied
         assert not any(r._att.rw[32 + i] for i in range(2))  # and given back after
@@ -172,6 +180,17 @@ def test_read_into_big_frames_are_copied_under_a_lease(shm_name: str) -> None:
             assert r.read_into(buf, timeout=1.0) == v
             assert (buf == v).all()
         assert p.dropped == 0
+
+
+def test_read_into_big_slot_with_small_streams_too(shm_name: str) -> None:
+    streams = [BIG, StreamSpec("pos", "<f8", (3,))]
+    with Producer(shm_name, streams, slots=2) as p, Reader(shm_name, mode="every") as r:
+        img, pos = np.zeros(BIG.shape, np.uint16), np.zeros(3)
+        for v in (1, 2, 3):
+            p.publish({"img": np.full(BIG.shape, v, np.uint16), "pos": np.full(3, v / 2)})
+            assert r.read_into({"img": img, "pos": pos}, timeout=1.0) == v
+            assert (img == v).all() and (pos == v / 2).all()
+        assert r._n_leases == 0
 
 
 def test_read_into_blocks_until_a_frame_comes_and_times_out(shm_name: str) -> None:

@@ -239,6 +239,11 @@ class Producer:
             rs = g.record_stride
             self._rec_word = [(rec0 + i * rs) // 8 for i in range(max_readers)]
             self._rec_waiting = [rw + L.R_WAITING for rw in self._rec_word]
+            # every reader's waiting flag in one strided slice: one C-level gather per publish
+            # instead of a Python loop over the records (0.3 us instead of 0.5 us for 16)
+            w0 = self._rec_waiting[0]
+            self._waiting = slice(w0, w0 + max_readers * (rs // 8), rs // 8)
+            self._nobody_waits = bytes(8 * max_readers)
             self._leases = np.ndarray(
                 (max_readers, slots), np.uint64, self._mm, rec0 + L.R_LEASES * 8, (rs, 8)
             )
@@ -630,14 +635,14 @@ class Producer:
             w[sw] = even  # (L.S_SEQ is word 0 of a slot)
             w[16] = latest  # L.H_LATEST
         w[L.H_NOTIFY] = (w[L.H_NOTIFY] + 1) & 0xFFFFFFFF
+        fence()  # latest/notify before we read the waiting flags (Dekker with Reader._wait)
+        # (flags are 0 or 1, so even a byte-wise copy of one reads it right; a dead reader's
+        # stale flag costs one spurious wake)
+        if w[self._waiting].tobytes() != self._nobody_waits:
+            futex_wake(self._notify_addr)
         self._slot_seq[k] = seq
         self._latest_k = k
         self._seq = seq
-        fence()  # latest/notify before we read the waiting flags (Dekker with Reader._wait)
-        for i in self._rec_waiting:  # a dead reader's stale flag costs one spurious wake
-            if w[i]:
-                futex_wake(self._notify_addr)
-                break
         if self._last_ns:
             dt = (now - self._last_ns) / 1e9
             if dt > 0:

@@ -615,7 +615,7 @@ class Reader:
         self._into_arrays = tuple(mapping.values())
         self._into_sig = [(a.shape, a.dtype) for a in self._into_arrays]
         self._into_pairs = []
-        self._into_ok = not self._has_variable
+        self._into_ok = not self._has_variable and not self._closed
         self._into_is_map = not isinstance(out, np.ndarray)
         if self._into_ok:
             for views in self._ro_views:
@@ -696,7 +696,7 @@ class Reader:
                 return 0
         try:
             for dst, src in self._into_pairs[k]:
-                np.copyto(dst, src)
+                dst[:] = src  # (numpy's copy for big arrays, a memcpy for small ones)
             sw = self._slot_words[k]
             meta = (self._words[sw + 2], self._f64[sw + 3], self._words[sw + 4])
         finally:
