@@ -572,6 +572,7 @@ class Conformance:
         for s in senders:
             assert s.wait(timeout=60) == 0, s.communicate()[1]
         got: list[dict[str, Any]] = []
+        per_worker: dict[int, int] = {}
         lock = threading.Lock()
         total = per * producers
 
@@ -580,6 +581,7 @@ class Conformance:
             for line in w.stdout:
                 with lock:
                     got.append(json.loads(line)["message"])
+                    per_worker[w.pid] = per_worker.get(w.pid, 0) + 1
 
         threads = [threading.Thread(target=drain, args=(w,), name="drain") for w in workers]
         for th in threads:
@@ -596,7 +598,12 @@ class Conformance:
             w.wait(30)
         keys = sorted((m["tag"], m["i"]) for m in got)
         errors = "".join(w.stderr.read()[-1500:] for w in workers if w.stderr is not None)
-        assert len(keys) == total, f"{len(keys)} of {total} delivered; workers said:\n{errors}"
+        want = sorted((f"p{p}", i) for p in range(producers) for i in range(per))
+        missing = sorted(set(want) - set(keys))
+        assert len(keys) == total, (
+            f"{len(keys)} of {total} delivered; missing {missing}; "
+            f"per consumer {per_worker}; workers said:\n{errors}"
+        )
         assert keys == sorted((f"p{p}", i) for p in range(producers) for i in range(per))
 
     def test_bounded_stress(self, backend: Backend) -> None:
