@@ -61,3 +61,16 @@ class TestPikaTransport(suite.Conformance):
             yield b
         finally:
             b.close()
+
+    # The reference transport itself loses messages here, intermittently: workflows 3.3's
+    # PikaTransport publishes without confirms, and a producer that calls disconnect() right
+    # after its last send() drops the tail of what it sent (seen: p1 140..149 and p1 104..149
+    # of 450 never reached the broker, while the other producers' messages all arrived).
+    # ShmTransport passes the same test strictly.  Non-strict, so every run still executes it
+    # and reports XPASS/XFAIL; beampipe_zocalo's ReliableSender (confirms) is the fix for users.
+    @pytest.mark.xfail(
+        strict=False,
+        reason="workflows 3.3 PikaTransport drops unconfirmed sends on disconnect()",
+    )
+    def test_many_producers_and_consumers(self, backend: Any) -> None:
+        super().test_many_producers_and_consumers(backend)
