@@ -61,16 +61,28 @@ class BrokerParams:
         return f"amqp://{self.username}@{self.host}:{self.port}{self.vhost}"
 
 
-def queue_exists(connection: pika.BlockingConnection, name: str) -> bool:
+def _passively_declared(connection: pika.BlockingConnection, kind: str, name: str) -> bool:
+    """Ask the broker whether a queue or exchange exists without creating it (404 = no)."""
     ch = connection.channel()
     try:
-        ch.queue_declare(name, passive=True)
+        if kind == "queue":
+            ch.queue_declare(name, passive=True)
+        else:
+            ch.exchange_declare(name, passive=True)
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code == 404:
-            return False
+            return False  # the broker closed that channel; the connection stays usable
         raise
     ch.close()
     return True
+
+
+def queue_exists(connection: pika.BlockingConnection, name: str) -> bool:
+    return _passively_declared(connection, "queue", name)
+
+
+def exchange_exists(connection: pika.BlockingConnection, name: str) -> bool:
+    return _passively_declared(connection, "exchange", name)
 
 
 def ensure_queue(

@@ -29,7 +29,13 @@ import workflows
 import workflows.transport.pika_transport as _pt
 from workflows.transport.pika_transport import PikaTransport
 
-from ._queues import DEFAULT_DELIVERY_LIMIT, BrokerParams, ensure_queue, queue_exists
+from ._queues import (
+    DEFAULT_DELIVERY_LIMIT,
+    BrokerParams,
+    ensure_queue,
+    exchange_exists,
+    queue_exists,
+)
 from ._wire import go_headers
 
 __all__ = ["NO_HEADERS", "GuardedPikaTransport", "PublishRefused", "prepare_queue"]
@@ -244,18 +250,7 @@ class GuardedPikaTransport(PikaTransport):
         return self._thread().call(lambda c: queue_exists(c, name)).result(timeout)
 
     def _exchange_exists(self, name: str) -> bool:
-        def check(conn: pika.BlockingConnection) -> bool:
-            ch = conn.channel()
-            try:
-                ch.exchange_declare(name, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code == 404:
-                    return False
-                raise
-            ch.close()
-            return True
-
-        return self._thread().call(check).result(10)
+        return self._thread().call(lambda c: exchange_exists(c, name)).result(10)
 
     def _send(
         self,
