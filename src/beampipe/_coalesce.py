@@ -145,18 +145,7 @@ class Coalescer(Generic[K, V]):
             self._waiters[ticket] = waiter
             waiter.keys[ticket] = key
             waiter.remaining = 1
-            if loop not in self._pump_scheduled:
-                self._pump_scheduled.add(loop)
-                loop.call_soon(self._pump_from_loop, loop)
-        self._arm_timer(loop, deadline)
-        try:
-            results = await waiter.future
-        except asyncio.CancelledError:
-            with self._lock:
-                if self._waiters.pop(ticket, None) is not None:
-                    self._planner.cancel(ticket)
-            raise
-        return results[key]
+        return (await self._wait(loop, waiter, deadline))[key]
 
     async def get_many_async(
         self,
@@ -173,6 +162,12 @@ class Coalescer(Generic[K, V]):
         self._submit(op, keys, deadline, route, waiter)
         if not waiter.remaining:
             return waiter.results
+        return await self._wait(loop, waiter, deadline)
+
+    async def _wait(
+        self, loop: asyncio.AbstractEventLoop, waiter: _AsyncWaiter[K, V], deadline: float
+    ) -> dict[K, Outcome[V]]:
+        """Pump at the end of this loop turn, keep the expiry timer armed, await the outcomes."""
         with self._lock:
             if loop not in self._pump_scheduled:
                 self._pump_scheduled.add(loop)
@@ -219,11 +214,9 @@ class Coalescer(Generic[K, V]):
         self._timers.pop(loop, None)
         self._expire()
         with self._lock:
-            left = [
-                t
-                for t, w in self._waiters.items()
-                if isinstance(w, _AsyncWaiter) and w.loop is loop
-            ]
+            left = any(
+                isinstance(w, _AsyncWaiter) and w.loop is loop for w in self._waiters.values()
+            )
             nearest = self._planner.next_deadline() if left else None
         if nearest is not None:
             self._arm_timer(loop, nearest)
