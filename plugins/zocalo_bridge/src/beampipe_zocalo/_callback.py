@@ -33,7 +33,24 @@ class RunTracker(Protocol):
     def expected(self, run_uid: str) -> list[str]: ...
 
 
-class ZocaloCallback:
+class _Routed:
+    """What ZocaloResults asks of whoever applies the rules: the reply queue and trigger ids."""
+
+    _router: RunRouter
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._router.reply_to
+
+    @property
+    def last_triggered(self) -> str | None:
+        return self._router.last_triggered
+
+    def expected(self, run_uid: str) -> list[str]:
+        return self._router.expected(run_uid)
+
+
+class ZocaloCallback(_Routed):
     """``RE.subscribe(ZocaloCallback(rules, sender))``: send processing requests per the rules.
 
     Rules are applied in the RunEngine's thread (a run lacking a required
@@ -60,17 +77,6 @@ class ZocaloCallback:
         self.triggers: list[Trigger] = []  # the most recent ones, for inspection
         self._keep = 1000
 
-    @property
-    def reply_to(self) -> str | None:
-        return self._router.reply_to
-
-    @property
-    def last_triggered(self) -> str | None:
-        return self._router.last_triggered
-
-    def expected(self, run_uid: str) -> list[str]:
-        return self._router.expected(run_uid)
-
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
         for trig in self._router.feed(name, doc):
             headers = go_headers(**{"beampipe.trigger_id": trig.trigger_id})
@@ -80,7 +86,7 @@ class ZocaloCallback:
         del self.triggers[: -self._keep]
 
 
-class DocumentForwarder:
+class DocumentForwarder(_Routed):
     """Publish self-contained bluesky documents so trigger rules can run in a service.
 
     Each message carries the document, its run's start document and its
@@ -100,17 +106,6 @@ class DocumentForwarder:
         self._sender = sender
         self.queue = queue
         self._router = RunRouter(rules, reply_to=reply_to)
-
-    @property
-    def reply_to(self) -> str | None:
-        return self._router.reply_to
-
-    @property
-    def last_triggered(self) -> str | None:
-        return self._router.last_triggered
-
-    def expected(self, run_uid: str) -> list[str]:
-        return self._router.expected(run_uid)
 
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
         if name == "event_page":
