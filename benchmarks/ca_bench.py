@@ -32,6 +32,9 @@ import numpy as np  # noqa: E402
 
 import beampipe_ca  # noqa: E402  (points pyepics at epicscorelibs' libca)
 
+#: When the process's CA context was made (first use of libca below), for the reconnect row.
+CONTEXT_BORN = 0.0
+
 N_SCALARS = 300
 N_WF = 100
 WF_LEN = 1000
@@ -46,6 +49,8 @@ PACING_FIELDS = [
     "DTYP", "DISA", "DISS", "SDIS", "PRIO", "ACKS", "ACKT", "LCNT", "PACT", "PUTF", "RPRO",
     "HHSV", "LLSV", "HSV", "LSV", "HYST", "LALM", "ALST", "MLST",
 ]  # fmt: skip
+# ao fields no other row opens, one fresh name per record: the search-tick table.
+TICK_FIELDS = ["OVAL"]
 NUMERIC_FIELDS = ["HOPR", "LOPR", "HIHI", "LOLO", "HIGH", "LOW", "DRVH", "DRVL", "MDEL", "ADEL"]
 
 #: Rounds (each layer in turn) of the ophyd Device(200) connect/read rows.
@@ -281,7 +286,7 @@ def connects(ioc: Ioc, loop: asyncio.AbstractEventLoop) -> None:
     record(row, "caproto threading get_pvs", timed(caproto_connect, 5))
     ctx.disconnect()
 
-    # What paces libca: connect time against the number of new channels.
+    # What paces libca: connect time against the number of new channels ...
     pacing = iter(PACING_FIELDS)
     print("  libca search pacing (beampipe_ca.connect of N new PVs, 3 repetitions each):")
     for n in (1, 10, 30, 100, 300):
@@ -294,6 +299,43 @@ def connects(ioc: Ioc, loop: asyncio.AbstractEventLoop) -> None:
                 raise SystemExit("benchmark invalid: a connect did not complete")
             times.append(1e3 * (time.perf_counter() - t0))
         print(f"    N = {n:3d}: " + ", ".join(f"{t:5.1f}" for t in times) + " ms")
+    # ... and against the pause since the previous connect: libca's search timer is a
+    # free-running clock (period = its round-trip estimate, floored at 32 ms), so a new
+    # channel waits for the next tick, whatever the pause.
+    names_left = iter(ioc.pv(f"s{i}.{field}") for field in TICK_FIELDS for i in range(N_SCALARS))
+    print(
+        "  libca search tick (connect 1 new PV after a pause since the last connect, median of 5):"
+    )
+    for pause_ms in (0, 8, 16, 24, 31, 40, 64):
+        times = []
+        for _ in range(5):
+            name = next(names_left)
+            time.sleep(pause_ms / 1e3)
+            t0 = time.perf_counter()
+            if beampipe_ca.connect([name], 10):
+                raise SystemExit("benchmark invalid: a connect did not complete")
+            times.append(1e3 * (time.perf_counter() - t0))
+        print(f"    pause {pause_ms:2d} ms: {statistics.median(times):5.1f} ms")
+
+
+def reconnect(ioc: Ioc) -> None:
+    """What paces a reconnect after an IOC restart: libca's disconnect governor, a 10 s clock."""
+    from beampipe_ca._libca import context
+
+    ctx = context()
+    chan = ctx.channel(ioc.pv("s0"))
+    if ctx.wait_connected([chan], 10):
+        raise SystemExit("benchmark invalid: s0 did not connect")
+    ioc.restart()
+    t_up = time.monotonic()
+    if ctx.wait_connected([chan], 30):
+        raise SystemExit("benchmark invalid: s0 did not reconnect within 30 s")
+    took = time.monotonic() - t_up
+    age = time.monotonic() - CONTEXT_BORN
+    print(
+        f"  IOC restart: reconnected {took:.2f} s after the IOC was back, at CA context age "
+        f"{age:.2f} s ({age % 10:.2f} s past a multiple of libca's 10 s disconnect-governor period)"
+    )
 
 
 def ophyd_devices(ioc: Ioc) -> None:
@@ -515,12 +557,18 @@ def main() -> int:
                 f"python {sys.version.split()[0]}, {os.cpu_count()} cpus"
             )
             loop = asyncio.new_event_loop()
+            global CONTEXT_BORN
+            CONTEXT_BORN = time.monotonic()
+            from beampipe_ca._libca import context
+
+            context()  # made here, so the reconnect row knows the context's age
             try:
                 reads(ioc, loop)
                 connects(ioc, loop)
                 ophyd_devices(ioc)
                 ophyd_async_devices(ioc, loop)
                 epicsrs(ioc)
+                reconnect(ioc)
             finally:
                 import aioca
 

@@ -95,7 +95,15 @@ class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
         await super().put(value)
 
     async def _caget(self, pv: str, format: Format) -> AugmentedValue:
-        return await self._read(pv, self.converter.read_dbr, format, self.read_timeout)
+        # Every get_value/get_reading lands here, 200 at a time in a Device.read():
+        # the connected case is written out (no inner coroutine, one channel lookup).
+        ctx = context()
+        chan = ctx.channel(pv)
+        if not chan.up:
+            return await self._read(pv, self.converter.read_dbr, format, self.read_timeout)
+        key = (pv, self.converter.read_dbr, format)
+        outcome = await ctx.reads.get_async("aug", key, self.read_timeout, chan.host)
+        return _value(outcome, pv)
 
 
 def _backend(
