@@ -21,6 +21,7 @@ __all__ = [
     "Dimension",
     "NDArrayFrame",
     "decode",
+    "decode_fields",
     "decode_ndarray",
     "decode_table",
     "nt_kind",
@@ -110,15 +111,39 @@ def decode(value: Any, pv: str = "?") -> Any:
         raise DecodeError(f"pva://{pv}: {kind or 'structure'} has no 'value' field") from exc
 
 
-def decode_enum(value: Any, pv: str = "?") -> str:
-    index = int(value["value.index"])
-    choices = value["value.choices"]
+def decode_fields(desc: Any, fields: dict[str, Any], pv: str = "?") -> Any:
+    """:func:`decode` for the native reader's parsed fields (a dict) and their type.
+
+    Gives what :func:`decode` gives for the same PV read through p4p.  A reply
+    that left the value unmarked (so p4p would show its default) goes the
+    long way, through a p4p Value.
+    """
+    kind = desc.id
+    value = fields.get("value")
+    if value is None or kind == NTNDARRAY:
+        return decode(desc.p4p_value(fields), pv)
+    if kind == NTENUM:
+        if "index" not in value or "choices" not in value:
+            return decode(desc.p4p_value(fields), pv)
+        return _enum_choice(int(value["index"]), value["choices"], pv)
+    if kind == NTTABLE:
+        if len(value) != len(desc["value"].fields):
+            return decode(desc.p4p_value(fields), pv)
+        return value
+    return value
+
+
+def _enum_choice(index: int, choices: Sequence[Any], pv: str) -> str:
     if not 0 <= index < len(choices):
         raise DecodeError(
             f"pva://{pv}: NTEnum index {index} is outside its "
             f"{len(choices)} choices {list(choices)}"
         )
     return str(choices[index])
+
+
+def decode_enum(value: Any, pv: str = "?") -> str:
+    return _enum_choice(int(value["value.index"]), value["value.choices"], pv)
 
 
 def decode_table(value: Any, table_cls: type | None = None, pv: str = "?") -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import threading
 import time
@@ -29,7 +30,14 @@ from typing import Any
 
 from beampipe import Batch, Coalescer, Failed, Ok, Outcome
 
-from ._decode import decode
+from ._codec import FieldDesc
+from ._decode import decode, decode_fields
+from ._native import NativeReader
+
+#: Coalescer ops: "get" answers with p4p Values (ophyd, ophyd-async), "value" with decoded values.
+OP_GET = "get"
+OP_VALUE = "value"
+_OFF = ("0", "no", "false", "off")
 
 __all__ = [
     "PutError",
@@ -238,13 +246,30 @@ def _get_starter(ctx: Any, request: Any) -> Callable[[str, Callable[[int, Any, A
 class PvaGetIO:
     """BatchIO for pvAccess GET: every key of a batch is one get, issued together.
 
-    A batch completes when every get has answered, or at the latest caller
+    Names the native reader has connected (see :mod:`._native`) are EXECs of
+    their persistent GET, all written in one send; the rest are p4p gets, and
+    the native reader starts connecting them for next time.  Batches of op
+    ``"value"`` answer with decoded values, ``"get"`` with p4p Values.  A
+    batch completes when every get has answered, or at the latest caller
     deadline with what it has: the rest fail alone, their gets cancelled.
+    ``BEAMPIPE_PVA_NATIVE=0`` in the environment reads everything through p4p.
     """
 
-    def __init__(self, context: Callable[[], Any] = raw_context, request: Any = None) -> None:
+    def __init__(
+        self,
+        context: Callable[[], Any] = raw_context,
+        request: Any = None,
+        *,
+        native: bool | None = None,
+    ) -> None:
         self._context = context
         self._request = request
+        if native is None:
+            native = os.environ.get("BEAMPIPE_PVA_NATIVE", "1").strip().lower() not in _OFF
+        # The native path reads the whole PV; a custom pvRequest goes through p4p.
+        self._use_native = native and request is None
+        self._native: NativeReader | None = None
+        self._closed = False
         self._house = _Housekeeper(self)
         self._flights: dict[int, _Flight] = {}
         self._lock = threading.Lock()
@@ -252,7 +277,6 @@ class PvaGetIO:
     def issue(
         self, batch: Batch[str], complete: Callable[[Mapping[Any, Outcome[Any]]], None]
     ) -> None:
-        ctx = self._context()
         now = time.monotonic()  # the Coalescer's clock, which set batch.deadline
         deadline = batch.deadline if batch.deadline > now else now + 0.001
         # Finish a little before the callers give up, so answers that did come are delivered.
@@ -260,21 +284,62 @@ class PvaGetIO:
         flight = _Flight(len(batch.keys), complete, deadline)
         with self._lock:
             self._flights[batch.id] = flight
-        start = _get_starter(ctx, self._request)
-        for name in batch.keys:
-            op = start(name, self._handler(batch.id, flight, name))
-            with flight.lock:
-                if name not in flight.results:
-                    flight.ops[name] = op
-                    continue
-            self._house.bury([op])
+        decoded = batch.op == OP_VALUE
+        keys: list[str] = list(batch.keys)
+        native = self._native_reader()
+        if native is not None:
+            keys = native.start_reads(keys, self._native_handler(batch.id, flight, decoded))
+            if keys:
+                native.want(keys)  # read through p4p this time, natively from the next read on
+        if keys:
+            start = _get_starter(self._context(), self._request)
+            for name in keys:
+                op = start(name, self._handler(batch.id, flight, name, decoded))
+                with flight.lock:
+                    if name not in flight.results:
+                        flight.ops[name] = op
+                        continue
+                self._house.bury([op])
         with flight.lock:
             pending = not flight.done
         if pending:
             self._house.watch()
 
+    def _native_reader(self) -> NativeReader | None:
+        if not self._use_native:
+            return None
+        with self._lock:
+            if self._native is None and not self._closed:
+                self._native = NativeReader()
+            return self._native
+
+    def native_state(self, name: str) -> str:
+        """How the native path sees a PV (``ready``, ``search``, ``unsupported``, ...); tests."""
+        native = self._native
+        return "off" if native is None else native.state(name.removeprefix("pva://"))
+
+    def _native_handler(
+        self, batch_id: int, flight: _Flight, decoded: bool
+    ) -> Callable[[str, FieldDesc | None, dict[str, Any] | None, str | None], None]:
+        def on_native(
+            name: str, desc: FieldDesc | None, fields: dict[str, Any] | None, error: str | None
+        ) -> None:
+            if error is not None or desc is None or fields is None:
+                outcome: Outcome[Any] = Failed(error or f"{name}: empty reply")
+            else:
+                try:
+                    if decoded:
+                        outcome = Ok(decode_fields(desc, fields, name))
+                    else:
+                        outcome = Ok(desc.p4p_value(fields))
+                except (ValueError, TypeError, KeyError) as exc:
+                    outcome = Failed(f"{name}: {exc}")
+            self._record(batch_id, flight, name, outcome)
+
+        return on_native
+
     def _handler(
-        self, batch_id: int, flight: _Flight, name: str
+        self, batch_id: int, flight: _Flight, name: str, decoded: bool = False
     ) -> Callable[[int, Any, Any], None]:
         def on_result(code: int, msg: Any, value: Any) -> None:
             if threading.get_ident() not in _pinned:
@@ -288,25 +353,33 @@ class PvaGetIO:
                 outcome = Failed(f"{name}: p4p raised {value[1]!r}")
             elif value is None:
                 outcome = Failed(f"{name}: empty reply")
+            elif decoded:
+                try:
+                    outcome = Ok(decode(value, name))
+                except ValueError as exc:
+                    outcome = Failed(f"{name}: read but not decoded: {exc}")
             else:
                 outcome = Ok(value)
-            with flight.lock:
-                if flight.done or name in flight.results:
-                    return
-                flight.results[name] = outcome
-                finished = len(flight.results) == flight.want
-                if finished:
-                    flight.done = True
-                    ops = list(flight.ops.values())
-                    flight.ops.clear()
-            if finished:
-                with self._lock:
-                    self._flights.pop(batch_id, None)
-                flight.complete(flight.results)
-                # Not closed here: pvxs refuses a synchronous cancel on its own worker thread.
-                self._house.bury(ops)
+            self._record(batch_id, flight, name, outcome)
 
         return on_result
+
+    def _record(self, batch_id: int, flight: _Flight, name: str, outcome: Outcome[Any]) -> None:
+        with flight.lock:
+            if flight.done or name in flight.results:
+                return
+            flight.results[name] = outcome
+            finished = len(flight.results) == flight.want
+            if finished:
+                flight.done = True
+                ops = list(flight.ops.values())
+                flight.ops.clear()
+        if finished:
+            with self._lock:
+                self._flights.pop(batch_id, None)
+            flight.complete(flight.results)
+            # Not closed here: pvxs refuses a synchronous cancel on its own worker thread.
+            self._house.bury(ops)
 
     def next_deadline(self) -> float | None:
         """When the earliest open batch must end, or None if none is open."""
@@ -339,6 +412,10 @@ class PvaGetIO:
     def close(self) -> None:
         with self._lock:
             flights, self._flights = list(self._flights.values()), {}
+            native, self._native = self._native, None
+            self._closed = True
+        if native is not None:
+            native.close()
         for flight in flights:
             with flight.lock:
                 ops = list(flight.ops.values())
@@ -372,21 +449,21 @@ def bulk_get_raw(names: Iterable[str], timeout: float = 5.0) -> dict[str, Outcom
     """Fresh GETs of many PVs, issued at once; each outcome is Ok(p4p Value) or Failed(reason)."""
     keys = _check_names(names)
     co = coalescer()
-    return co.get_many("get", keys, timeout)
+    return co.get_many(OP_GET, keys, timeout)
 
 
 async def bulk_get_raw_async(names: Iterable[str], timeout: float = 5.0) -> dict[str, Outcome[Any]]:
     """:func:`bulk_get_raw` for coroutines; concurrent awaits in one loop turn share a batch."""
     keys = _check_names(names)
     co = coalescer()
-    return await co.get_many_async("get", keys, timeout)
+    return await co.get_many_async(OP_GET, keys, timeout)
 
 
 async def get_raw_async(name: str, timeout: float = 5.0) -> Outcome[Any]:
     """One fresh GET from a coroutine, sharing a batch with every other read in this loop turn."""
     (key,) = _check_names([name])
     co = coalescer()
-    return await co.get_async("get", key, timeout)
+    return await co.get_async(OP_GET, key, timeout)
 
 
 def _decoded(names: list[str], outcomes: Mapping[str, Outcome[Any]]) -> dict[str, Any]:
@@ -395,11 +472,7 @@ def _decoded(names: list[str], outcomes: Mapping[str, Outcome[Any]]) -> dict[str
         key = name.removeprefix("pva://")
         outcome = outcomes[key]
         if isinstance(outcome, Ok):
-            try:
-                out[name] = decode(outcome.value, key)
-            except ValueError as exc:
-                logger.warning("pva://%s read but not decoded: %s", key, exc)
-                out[name] = None
+            out[name] = outcome.value
         else:
             logger.warning("pva://%s not read: %s", key, outcome.reason)
             out[name] = None
@@ -413,14 +486,14 @@ def bulk_get(names: Iterable[str], timeout: float = 5.0) -> dict[str, Any]:
     string, NTTable a dict of columns and NTNDArray an :class:`NDArrayFrame`.
     """
     names = list(names) if not isinstance(names, str | bytes) else names
-    outcomes = bulk_get_raw(names, timeout)
+    outcomes = coalescer().get_many(OP_VALUE, _check_names(names), timeout)
     return _decoded(list(dict.fromkeys(names)), outcomes)
 
 
 async def bulk_get_async(names: Iterable[str], timeout: float = 5.0) -> dict[str, Any]:
     """:func:`bulk_get` for coroutines: concurrent callers in one loop turn share one batch."""
     names = list(names) if not isinstance(names, str | bytes) else names
-    outcomes = await bulk_get_raw_async(names, timeout)
+    outcomes = await coalescer().get_many_async(OP_VALUE, _check_names(names), timeout)
     return _decoded(list(dict.fromkeys(names)), outcomes)
 
 

@@ -1,0 +1,614 @@
+"""The I/O half of the native read path: circuits, channels and GETs that are INITed once.
+
+p4p makes every read a new GET operation (INIT with a type exchange, EXEC,
+blocking close).  pvAccess lets a client keep the operation and EXEC it again;
+p4p 4.3 does not expose that, so this module does it over plain sockets with
+:mod:`._codec`: one TCP circuit per server, one persistent GET per channel,
+every EXEC of a batch written with one ``send``, replies parsed as they
+arrive on one thread.  Each EXEC makes the server read the PV then and
+there, so every read is still a fresh GET issued after the caller asked.
+
+It only serves what it can do well.  :meth:`NativeReader.start_reads` takes
+the names whose channel is connected with a decodable type and hands back
+the rest, which the caller reads through p4p (and :meth:`NativeReader.want`
+starts connecting them natively in the background for next time).  Types
+the codec does not parse (NTNDArray, unions), servers the search does not
+reach (name servers, other networks) and PVs that do not exist stay on p4p,
+which already reports them properly.
+
+Faults: a lost circuit fails its reads in flight (None with the reason) and
+puts its channels back to searching; a reconnect INITs again, so a PV whose
+type changed across a server restart is parsed with its new type.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _codec as C
+
+__all__ = ["NativeReader", "ReadCallback", "search_addresses"]
+
+logger = logging.getLogger("beampipe.pva.native")
+
+#: (name, type, fields or None, error or None): one answered read.
+ReadCallback = Callable[[str, "C.FieldDesc | None", "dict[str, Any] | None", "str | None"], None]
+
+_SEARCH_BACKOFF = (0.0, 0.03, 0.1, 0.25, 0.5, 1.0, 2.0)
+_IDLE_EXIT = 0.5  # the I/O thread exits after this long with nothing to do
+_STUCK = 5.0  # an EXEC unanswered this long marks its channel as broken
+
+
+def search_addresses(environ: dict[str, str] | None = None) -> list[tuple[str, int]]:
+    """Where to send searches, from EPICS_PVA_ADDR_LIST / _AUTO_ADDR_LIST / _BROADCAST_PORT."""
+    env = os.environ if environ is None else environ
+    port = int(env.get("EPICS_PVA_BROADCAST_PORT", "5076") or 5076)
+    out: list[tuple[str, int]] = []
+    for item in env.get("EPICS_PVA_ADDR_LIST", "").split():
+        host, _, p = item.partition(":")
+        try:
+            out.append((socket.gethostbyname(host), int(p) if p else port))
+        except (OSError, ValueError):
+            logger.warning("EPICS_PVA_ADDR_LIST entry %r ignored", item)
+    if env.get("EPICS_PVA_AUTO_ADDR_LIST", "YES").strip().upper() != "NO":
+        out.append(("255.255.255.255", port))
+    return list(dict.fromkeys(out))
+
+
+class _Channel:
+    __slots__ = (
+        "attempts",
+        "busy",
+        "cid",
+        "circuit",
+        "desc",
+        "ioid",
+        "name",
+        "next_search",
+        "queue",
+        "sent_at",
+        "sid",
+        "state",
+    )
+
+    # states: search -> connect (circuit) -> create -> init -> ready; failed; unsupported
+    def __init__(self, name: str, cid: int) -> None:
+        self.name = name
+        self.cid = cid
+        self.state = "search"
+        self.attempts = 0
+        self.next_search = 0.0
+        self.circuit: _Circuit | None = None
+        self.sid = -1
+        self.ioid = -1
+        self.desc: C.FieldDesc | None = None
+        self.queue: collections.deque[ReadCallback] = collections.deque()
+        self.busy = False
+        self.sent_at = 0.0
+
+
+class _Circuit:
+    __slots__ = ("addr", "by_cid", "by_ioid", "framer", "sock", "state", "tx", "types", "waiting")
+
+    def __init__(self, addr: tuple[str, int], sock: socket.socket) -> None:
+        self.addr = addr
+        self.sock = sock
+        self.state = "connecting"  # -> validating -> ready
+        self.framer = C.Framer()
+        self.tx = bytearray()
+        self.types: dict[int, C.FieldDesc] = {}
+        self.by_cid: dict[int, _Channel] = {}
+        self.by_ioid: dict[int, _Channel] = {}
+        self.waiting: list[_Channel] = []
+
+
+class NativeReader:
+    """Persistent pvAccess GETs for the channels it can serve; see the module docstring."""
+
+    def __init__(self, addresses: list[tuple[str, int]] | None = None) -> None:
+        self._addresses = search_addresses() if addresses is None else addresses
+        self._lock = threading.Lock()
+        self._service_lock = threading.Lock()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        self._udp.bind(("0.0.0.0", 0))
+        self._udp.setblocking(False)
+        self._sel.register(self._udp, selectors.EVENT_READ, "udp")
+        self._channels: dict[str, _Channel] = {}
+        #: channels on their way to ready (search, connect, create, init)
+        self._pending: set[_Channel] = set()
+        #: channels with an EXEC outstanding
+        self._inflight = 0
+        self._by_cid: dict[int, _Channel] = {}
+        self._circuits: dict[tuple[str, int], _Circuit] = {}
+        self._next_id = 1
+        self._search_seq = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # --- caller side ------------------------------------------------------------------
+
+    def start_reads(self, names: Iterable[str], on_result: ReadCallback) -> list[str]:
+        """EXEC the persistent GET of each ready name; returns the names it did not take."""
+        if self._thread is None:
+            self._poll_inline()
+        rest: list[str] = []
+        touched: set[_Circuit] = set()
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return list(names)
+            for name in names:
+                ch = self._channels.get(name)
+                if ch is None or ch.state != "ready" or ch.circuit is None:
+                    rest.append(name)
+                    continue
+                if ch.busy and now - ch.sent_at > _STUCK:
+                    self._reset_channel(ch, f"{name}: GET unanswered for {_STUCK:.0f} s", [])
+                    rest.append(name)
+                    continue
+                ch.queue.append(on_result)
+                if not ch.busy:
+                    ch.busy = True
+                    self._inflight += 1
+                    ch.sent_at = now
+                    ch.circuit.tx += C.get_exec(ch.sid, ch.ioid)
+                    touched.add(ch.circuit)
+            for circuit in touched:
+                self._flush(circuit)
+            if touched:
+                self._ensure_thread()
+        return rest
+
+    def want(self, names: Iterable[str]) -> None:
+        """Start connecting these names natively (search, channel, GET INIT) in the background."""
+        with self._lock:
+            if self._closed:
+                return
+            new = False
+            for name in names:
+                ch = self._channels.get(name)
+                if ch is None:
+                    ch = _Channel(name, self._new_id())
+                    self._channels[name] = ch
+                    self._by_cid[ch.cid] = ch
+                    new = True
+                    self._set_state(ch, "search")
+                elif ch.state == "failed":
+                    self._set_state(ch, "search")
+                    ch.attempts, ch.next_search = 0, 0.0
+                    new = True
+            if new:
+                self._ensure_thread()
+
+    def state(self, name: str) -> str:
+        """The channel's native state (``ready``, ``search``, ``unsupported``, ...); for tests."""
+        with self._lock:
+            ch = self._channels.get(name)
+            return "absent" if ch is None else ch.state
+
+    def close(self) -> None:
+        """Close every circuit, fail reads in flight, stop the I/O thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        self._wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+        done: list[tuple[ReadCallback, str, str]] = []
+        with self._lock:
+            for circuit in list(self._circuits.values()):
+                self._drop_circuit(circuit, "client closed", done)
+            self._sel.close()
+            self._udp.close()
+            self._wake_r.close()
+            self._wake_w.close()
+        _run(done)
+
+    # --- the I/O thread ---------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        """With the lock held."""
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._run, name="beampipe-pva-net", daemon=True)
+            self._thread.start()
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _poll_inline(self) -> None:
+        """With no I/O thread running, notice what happened on idle circuits (EOF, destroys)."""
+        if self._service_lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._service(0.0)
+            finally:
+                self._service_lock.release()
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            with self._service_lock:
+                if self._closed:
+                    break
+                self._service(self._next_timer())
+            now = time.monotonic()
+            with self._lock:
+                if self._closed:
+                    break
+                if self._busy():
+                    idle_since = now
+                elif now - idle_since >= _IDLE_EXIT:
+                    self._thread = None
+                    return
+        with self._lock:
+            self._thread = None
+
+    def _busy(self) -> bool:
+        """With the lock held: anything the thread must still watch or do."""
+        if self._pending or self._inflight:
+            return True
+        return any(c.tx or c.state != "ready" for c in self._circuits.values())
+
+    def _next_timer(self) -> float:
+        with self._lock:
+            nxt = min(
+                (ch.next_search for ch in self._pending if ch.state == "search"),
+                default=None,
+            )
+        if nxt is None:
+            return _IDLE_EXIT / 2
+        return max(0.0, min(_IDLE_EXIT / 2, nxt - time.monotonic()))
+
+    def _service(self, timeout: float) -> None:
+        """One pass: wait for sockets up to ``timeout``, handle what is ready, send searches."""
+        events = self._sel.select(timeout)
+        done: list[tuple[ReadCallback, str, str]] = []
+        results: list[tuple[ReadCallback, str, C.FieldDesc, dict[str, Any]]] = []
+        for key, mask in events:
+            tag = key.data
+            if tag == "wake":
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)
+            elif tag == "udp":
+                self._read_udp()
+            else:
+                circuit: _Circuit = tag
+                if mask & selectors.EVENT_WRITE:
+                    with self._lock:
+                        self._writable(circuit, done)
+                if mask & selectors.EVENT_READ:
+                    self._readable(circuit, done, results)
+        self._send_searches(time.monotonic())
+        for cb, name, desc, value in results:
+            try:
+                cb(name, desc, value, None)
+            except Exception:
+                logger.exception("pva://%s: read callback failed", name)
+        _run(done)
+
+    # --- search -----------------------------------------------------------------------
+
+    def _send_searches(self, now: float) -> None:
+        with self._lock:
+            due = [ch for ch in self._pending if ch.state == "search" and ch.next_search <= now]
+            for ch in due:
+                ch.attempts += 1
+                if ch.attempts > len(_SEARCH_BACKOFF):
+                    self._set_state(ch, "failed")  # p4p serves it; the next want() searches again
+                    continue
+                ch.next_search = now + _SEARCH_BACKOFF[min(ch.attempts, len(_SEARCH_BACKOFF) - 1)]
+            due = [ch for ch in due if ch.state == "search"]
+            if not due:
+                return
+            self._search_seq += 1
+            seq = self._search_seq
+        port = self._udp.getsockname()[1]
+        batch: list[tuple[int, str]] = []
+        size = 0
+        for ch in due:
+            batch.append((ch.cid, ch.name))
+            size += len(ch.name) + 6
+            if size > 1200:
+                self._send_search(seq, batch, port)
+                batch, size = [], 0
+        if batch:
+            self._send_search(seq, batch, port)
+
+    def _send_search(self, seq: int, batch: list[tuple[int, str]], port: int) -> None:
+        data = C.search_request(seq, batch, port)
+        for addr in self._addresses:
+            try:
+                self._udp.sendto(data, addr)
+            except OSError as exc:
+                logger.debug("search to %s:%d failed: %s", *addr, exc)
+
+    def _read_udp(self) -> None:
+        while True:
+            try:
+                data, src = self._udp.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            reply = C.parse_search_response(data, src[0])
+            if reply is None or not reply.found:
+                continue
+            with self._lock:
+                for cid in reply.cids:
+                    ch = self._by_cid.get(cid)
+                    if ch is None or ch.state not in ("search", "failed"):
+                        continue
+                    self._attach(ch, (reply.host, reply.port))
+
+    # --- circuits ---------------------------------------------------------------------
+
+    def _attach(self, ch: _Channel, addr: tuple[str, int]) -> None:
+        """With the lock held: put the channel on the circuit to ``addr`` (opening it)."""
+        circuit = self._circuits.get(addr)
+        if circuit is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+                sock.close()
+                logger.debug("connect to %s:%d failed: %s", *addr, os.strerror(err))
+                return
+            circuit = _Circuit(addr, sock)
+            self._circuits[addr] = circuit
+            self._sel.register(sock, selectors.EVENT_WRITE | selectors.EVENT_READ, circuit)
+        ch.circuit = circuit
+        circuit.by_cid[ch.cid] = ch
+        if circuit.state == "ready":
+            self._create(ch)
+        else:
+            self._set_state(ch, "connect")
+            circuit.waiting.append(ch)
+
+    def _create(self, ch: _Channel) -> None:
+        assert ch.circuit is not None
+        self._set_state(ch, "create")
+        ch.circuit.tx += C.create_channel(ch.cid, ch.name)
+        self._flush(ch.circuit)
+
+    def _flush(self, circuit: _Circuit) -> None:
+        """With the lock held: send what the circuit has queued, or leave it for the thread."""
+        if not circuit.tx or circuit.state == "connecting":
+            return
+        try:
+            sent = circuit.sock.send(circuit.tx)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return  # the read side sees the error and drops the circuit
+        del circuit.tx[:sent]
+        if circuit.tx:
+            self._sel.modify(circuit.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, circuit)
+            self._wake()
+
+    def _writable(self, circuit: _Circuit, done: list[tuple[ReadCallback, str, str]]) -> None:
+        if circuit.state == "connecting":
+            err = circuit.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._drop_circuit(circuit, f"connect failed: {os.strerror(err)}", done)
+                return
+            circuit.state = "validating"
+        if circuit.tx:
+            self._flush(circuit)
+        if not circuit.tx:
+            self._sel.modify(circuit.sock, selectors.EVENT_READ, circuit)
+
+    def _readable(
+        self,
+        circuit: _Circuit,
+        done: list[tuple[ReadCallback, str, str]],
+        results: list[tuple[ReadCallback, str, C.FieldDesc, dict[str, Any]]],
+    ) -> None:
+        try:
+            data = circuit.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            with self._lock:
+                self._drop_circuit(circuit, f"connection lost: {exc}", done)
+            return
+        with self._lock:
+            if not data:
+                self._drop_circuit(circuit, "connection lost (server closed it)", done)
+                return
+            try:
+                for msg in circuit.framer.feed(data):
+                    self._handle(circuit, msg, done, results)
+            except C.ProtocolError as exc:
+                logger.warning("pvAccess circuit to %s:%d: %s", *circuit.addr, exc)
+                self._drop_circuit(circuit, f"protocol error: {exc}", done)
+
+    def _handle(
+        self,
+        circuit: _Circuit,
+        msg: C.Message,
+        done: list[tuple[ReadCallback, str, str]],
+        results: list[tuple[ReadCallback, str, C.FieldDesc, dict[str, Any]]],
+    ) -> None:
+        cmd, body, order = msg.command, msg.body, msg.order
+        if cmd == C.CMD_GET:
+            reply = C.parse_get_reply(body, order, circuit.types, lambda i: _desc(circuit, i))
+            ch = circuit.by_ioid.get(reply.ioid)
+            if ch is None:
+                return
+            if reply.init:
+                self._on_init(ch, reply, done)
+            elif reply.error is not None:
+                self._answer(ch, done, reply.error)
+            else:
+                assert reply.value is not None and ch.desc is not None
+                cb = ch.queue.popleft() if ch.queue else None
+                self._next_exec(ch)
+                if cb is not None:
+                    results.append((cb, ch.name, ch.desc, reply.value))
+        elif cmd == C.CMD_VALIDATION:
+            C.parse_validation(body, order)
+            circuit.tx += C.client_validation()
+            self._flush(circuit)
+        elif cmd == C.CMD_CONNECTION_VALIDATED:
+            error = C.parse_connection_validated(body, order)
+            if error is not None:
+                self._drop_circuit(circuit, f"server refused the connection: {error}", done)
+                return
+            circuit.state = "ready"
+            waiting, circuit.waiting = circuit.waiting, []
+            for ch in waiting:
+                if ch.circuit is circuit and ch.state == "connect":
+                    self._create(ch)
+        elif cmd == C.CMD_CREATE_CHANNEL:
+            cid, sid, error = C.parse_create_channel_reply(body, order)
+            ch = circuit.by_cid.get(cid)
+            if ch is None or ch.state != "create":
+                return
+            if error is not None:
+                logger.debug("pva://%s: create channel refused: %s", ch.name, error)
+                self._detach(ch, "failed")
+                return
+            ch.sid, ch.ioid = sid, self._new_id()
+            self._set_state(ch, "init")
+            circuit.by_ioid[ch.ioid] = ch
+            circuit.tx += C.get_init(sid, ch.ioid)
+            self._flush(circuit)
+        elif cmd == C.CMD_DESTROY_CHANNEL:
+            _sid, cid = C.struct.unpack_from(order + "ii", body, 0)
+            ch = circuit.by_cid.get(cid)
+            if ch is not None:
+                self._reset_channel(ch, f"{ch.name}: the server destroyed the channel", done)
+        elif cmd == C.CMD_MESSAGE:
+            ioid, kind, text = C.parse_message(body, order)
+            ch = circuit.by_ioid.get(ioid)
+            logger.debug("server message for pva://%s: [%d] %s", ch and ch.name, kind, text)
+
+    def _on_init(
+        self, ch: _Channel, reply: C.GetReply, done: list[tuple[ReadCallback, str, str]]
+    ) -> None:
+        if reply.error is not None or reply.desc is None:
+            logger.debug("pva://%s: GET INIT refused: %s", ch.name, reply.error)
+            self._detach(ch, "unsupported")
+            return
+        if not reply.desc.supported():
+            self._detach(ch, "unsupported")  # NTNDArray and friends: p4p reads them
+            return
+        ch.desc = reply.desc
+        self._set_state(ch, "ready")
+
+    def _answer(self, ch: _Channel, done: list[tuple[ReadCallback, str, str]], error: str) -> None:
+        cb = ch.queue.popleft() if ch.queue else None
+        self._next_exec(ch)
+        if cb is not None:
+            done.append((cb, ch.name, f"{ch.name}: server error: {error}"))
+
+    def _next_exec(self, ch: _Channel) -> None:
+        if ch.queue and ch.circuit is not None and ch.state == "ready":
+            ch.sent_at = time.monotonic()
+            ch.circuit.tx += C.get_exec(ch.sid, ch.ioid)
+            self._flush(ch.circuit)
+        elif ch.busy:
+            ch.busy = False
+            self._inflight -= 1
+
+    def _fail_reads(
+        self, ch: _Channel, reason: str, done: list[tuple[ReadCallback, str, str]]
+    ) -> None:
+        while ch.queue:
+            done.append((ch.queue.popleft(), ch.name, reason))
+        if ch.busy:
+            ch.busy = False
+            self._inflight -= 1
+
+    def _detach(self, ch: _Channel, state: str) -> None:
+        """With the lock held: take the channel off its circuit (telling the server)."""
+        circuit = ch.circuit
+        if circuit is not None:
+            circuit.by_cid.pop(ch.cid, None)
+            circuit.by_ioid.pop(ch.ioid, None)
+            if ch.sid >= 0 and circuit.state == "ready":
+                circuit.tx += C.destroy_channel(ch.sid, ch.cid)
+                self._flush(circuit)
+        ch.circuit, ch.sid, ch.ioid, ch.desc = None, -1, -1, None
+        self._set_state(ch, state)
+
+    def _reset_channel(
+        self, ch: _Channel, reason: str, done: list[tuple[ReadCallback, str, str]]
+    ) -> None:
+        """With the lock held: fail its reads, forget its server, search for it again."""
+        self._fail_reads(ch, reason, done)
+        self._detach(ch, "search")
+        ch.attempts, ch.next_search = 0, 0.0
+
+    def _drop_circuit(
+        self, circuit: _Circuit, reason: str, done: list[tuple[ReadCallback, str, str]]
+    ) -> None:
+        """With the lock held: close it; its reads fail, its channels search again."""
+        if self._circuits.get(circuit.addr) is circuit:
+            del self._circuits[circuit.addr]
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(circuit.sock)
+        circuit.sock.close()
+        circuit.state = "closed"
+        host, port = circuit.addr
+        for ch in list(circuit.by_cid.values()) + circuit.waiting:
+            if ch.circuit is circuit:
+                ch.circuit = None
+                self._fail_reads(ch, f"{ch.name}: {reason} ({host}:{port})", done)
+                ch.sid, ch.ioid, ch.desc = -1, -1, None
+                if ch.state != "unsupported":
+                    self._set_state(ch, "search")
+                    ch.attempts, ch.next_search = 0, time.monotonic() + 0.05
+        circuit.by_cid.clear()
+        circuit.by_ioid.clear()
+        circuit.waiting.clear()
+        if not self._closed:
+            self._ensure_thread()
+
+    _PENDING = frozenset(("search", "connect", "create", "init"))
+
+    def _set_state(self, ch: _Channel, state: str) -> None:
+        """With the lock held."""
+        ch.state = state
+        if state in self._PENDING:
+            self._pending.add(ch)
+        else:
+            self._pending.discard(ch)
+
+    def _new_id(self) -> int:
+        self._next_id = (self._next_id + 1) & 0x7FFFFFFF or 1
+        return self._next_id
+
+
+def _desc(circuit: _Circuit, ioid: int) -> C.FieldDesc | None:
+    ch = circuit.by_ioid.get(ioid)
+    return None if ch is None else ch.desc
+
+
+def _run(done: list[tuple[ReadCallback, str, str]]) -> None:
+    for cb, name, reason in done:
+        try:
+            cb(name, None, None, reason)
+        except Exception:
+            logger.exception("pva://%s: read callback failed", name)
