@@ -21,8 +21,9 @@ Latency: 64-byte frames, one every 200 us (busy-polling reader) or 2 ms
 monotonic clock stamp taken just before it publishes (and from its commit) to
 the moment the reader has the frame: `read_into` (fast path) and `read()`
 (a Frame).  The bare futex wake-up (same ctypes call, no protocol) is the
-floor for the blocked case; a tight loop on one shared word is CPython's
-floor for the busy one.
+floor for the blocked case: it is measured interleaved with the blocked reader,
+wake-up by wake-up between the same two processes, so the ratio is like for like.
+A tight loop on one shared word is CPython's floor for the busy one.
 
 Peers: plain numpy copy of the same bytes (the memory-bandwidth limit),
 pyzmq ipc://, iceoryx2's Python bindings, shmx; each is skipped with the
@@ -223,12 +224,12 @@ def bench_beampipe(
 
 
 def bp_lat_reader(name: str, how: str, into: bool, ready: Any, out: Any) -> None:
-    """``how``: "poll" (a loop of non-blocking reads), "spin" (the reader's own spin loop,
-    ``Reader(spin=...)``), "block" (asleep on the futex); ``into``: the fast path
+    """``how``: "poll" (a loop of non-blocking reads) or "spin" (the reader's own spin loop,
+    ``Reader(spin=...)``); ``into``: the fast path
     (``read_into`` a reused buffer), else ``read()`` returning a Frame."""
     from beampipe_shm import Reader
 
-    spin = {"poll": 20e-6, "spin": 3.0, "block": 0.0}[how]
+    spin = {"poll": 20e-6, "spin": 3.0}[how]
     r = Reader(name, mode="every", wait=10.0, spin=spin, copy=True)
     buf = np.zeros(8, np.int64)
     ready.set()
@@ -307,8 +308,8 @@ def bench_beampipe_latency(how: str, into: bool) -> tuple[dict[str, float], dict
         with p.frame() as f:
             f["v"][0] = t
 
-    n, period = (1000, 2e-3) if how == "block" else (4000, 200e-6)
-    pace(period, n, send)
+    n = 4000
+    pace(200e-6, n, send)
     with p.frame() as f:
         f["v"][1] = 1
     lats, commit = q.get(timeout=30)
@@ -319,39 +320,82 @@ def bench_beampipe_latency(how: str, into: bool) -> tuple[dict[str, float], dict
     return latency_stats(lats), latency_stats(commit)
 
 
-def futex_waiter(path: str, ready: Any, out: Any) -> None:
+def block_reader(name: str, path: str, into: bool, ready: Any, out: Any) -> None:
+    """A blocked reader alternating between a bare futex word and the stream, one wake-up each.
+
+    Even rounds wait on the bare futex (the wake-up floor), odd rounds in ``read_into`` or
+    ``read()``: the two are measured in the same processes, on the same cores, 2 ms apart,
+    so load from other jobs hits both alike and their ratio is like for like.  Each event
+    carries its round number: an event the reader was too late for (it had not gone to
+    sleep yet) is skipped, not timed, so a late reader never turns into a phase shift.
+    """
     import mmap
 
-    from beampipe_shm import _sys
+    from beampipe_shm import Reader, _sys
 
+    r = Reader(name, mode="every", wait=10.0, spin=0.0, copy=True)
     fd = os.open(path, os.O_RDWR)
     mm = mmap.mmap(fd, 4096)
     w = memoryview(mm).cast("Q")
     addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    buf = np.zeros(8, np.int64)
     ready.set()
-    lats = []
+    bare: list[float] = []
+    lats: list[float] = []
+    commit: list[float] = []
+    mono = time.monotonic_ns
     seen = 0
+    expect = 0  # the round whose event comes next
     while True:
-        while w[0] == seen:
-            _sys.futex_wait(addr, seen, 3.0)
-            if w[0] == seen and w[2]:
+        if not expect & 1:  # bare futex round: w[0] = round + 1
+            while w[0] == seen:
+                _sys.futex_wait(addr, seen, 3.0)
+                if w[0] == seen and w[2]:
+                    break
+            now = mono()
+            if w[2]:
                 break
-        now = time.monotonic_ns()
-        if w[2]:
-            break
-        seen = w[0]
-        lats.append((now - w[1]) / 1e3)
+            seen = w[0]
+            if seen - 1 == expect:
+                bare.append((now - w[1]) / 1e3)
+            expect = seen  # (the round after the one seen)
+            continue
+        if into:  # stream round: v = (stamp, end flag, round)
+            n = r.read_into(buf, timeout=3.0)
+            now = mono()
+            if not n or buf[1]:
+                break
+            got, stamp, pub = int(buf[2]), int(buf[0]), r.last_publish_ns
+        else:
+            f = r.read(timeout=3.0)
+            now = mono()
+            if f is None or f["v"][1]:
+                break
+            got, stamp, pub = int(f["v"][2]), int(f["v"][0]), f.publish_ns
+            f.release()
+        if got == expect:
+            lats.append((now - stamp) / 1e3)
+            commit.append((now - pub) / 1e3)
+        if got >= expect:  # (an older frame was left from a round the reader was late for)
+            expect = got + 1
+    r.close()
     w.release()
-    out.put(lats)
+    out.put((lats, commit, bare))
 
 
-def bench_bare_futex() -> dict[str, float]:
+def bench_block_vs_futex(
+    into: bool,
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Blocked-reader latency (end to end, from the commit) and the bare futex wake-up,
+    interleaved event by event between the same two processes."""
     import mmap
 
-    from beampipe_shm import _sys
+    from beampipe_shm import Producer, StreamSpec, _sys
 
+    name = uniq("bblk")
     path = f"/dev/shm/{uniq('bpfutex')}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    p = Producer(name, [StreamSpec("v", "int64", (8,))], slots=16)
     try:
         os.ftruncate(fd, 4096)
         mm = mmap.mmap(fd, 4096)
@@ -359,28 +403,38 @@ def bench_bare_futex() -> dict[str, float]:
         addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
         q = CTX.Queue()
         ev = CTX.Event()
-        pr = CTX.Process(target=futex_waiter, args=(path, ev, q))
+        pr = CTX.Process(target=block_reader, args=(name, path, into, ev, q))
         pr.start()
         assert ev.wait(30)
         time.sleep(0.2)
 
         def send(i: int) -> None:
-            w[1] = time.monotonic_ns()
-            w[0] = i + 1
-            _sys.fence()
-            _sys.futex_wake(addr)
+            if not i & 1:
+                w[1] = time.monotonic_ns()
+                w[0] = i + 1
+                _sys.fence()
+                _sys.futex_wake(addr)
+                return
+            t = time.monotonic_ns()
+            with p.frame() as f:
+                f["v"][0] = t
+                f["v"][2] = i
 
-        pace(2e-3, 1000, send)
+        pace(2e-3, 2000, send)
+        with p.frame() as f:  # the end, whichever branch the reader waits in
+            f["v"][1] = 1
         w[2] = 1
         w[0] = 10**9
         _sys.futex_wake(addr)
-        lats = q.get(timeout=30)
+        lats, commit, bare = q.get(timeout=30)
         pr.join(10)
         w.release()
     finally:
+        p.close()
         os.unlink(path)
         os.close(fd)
-    return latency_stats(lats)
+    assert len(lats) > 100 and len(bare) > 100, (len(lats), len(bare))
+    return latency_stats(lats), latency_stats(commit), latency_stats(bare)
 
 
 def floor_reader(path: str, ready: Any, out: Any) -> None:
@@ -854,10 +908,14 @@ def main() -> int:
         ("lat-spin-into", "spin", True, "beampipe read_into, spinning reader"),
         ("lat-poll-into", "poll", True, "beampipe read_into(timeout=0) loop"),
         ("lat-busy", "poll", False, "beampipe read(timeout=0) loop -> Frame"),
-        ("lat-block-into", "block", True, "beampipe read_into, blocked reader (futex)"),
-        ("lat-blocked", "block", False, "beampipe read(), blocked reader (futex)"),
     ):
         r[key], r[key + "-commit"] = bench_beampipe_latency(how, into)
+        show(label, r[key])
+    for key, into, label in (
+        ("lat-block-into", True, "beampipe read_into, blocked reader (futex)"),
+        ("lat-blocked", False, "beampipe read(), blocked reader (futex)"),
+    ):
+        r[key], r[key + "-commit"], r[key + "-futex"] = bench_block_vs_futex(into)
         show(label, r[key])
     r["iox-lat"] = peer("iceoryx2 busy-polling", "iceoryx2", bench_iceoryx2_latency)
     show("iceoryx2 busy-polling", r["iox-lat"])
@@ -869,8 +927,8 @@ def main() -> int:
     show("beampipe read(timeout=0) loop -> Frame", r["lat-busy-commit"])
     show("beampipe read_into, blocked reader (futex)", r["lat-block-into-commit"])
     show("beampipe read(), blocked reader (futex)", r["lat-blocked-commit"])
-    r["futex"] = bench_bare_futex()
-    show("bare futex wake-up: store + wake -> return", r["futex"])
+    show("bare futex wake-up, interleaved with read_into", r["lat-block-into-futex"])
+    show("bare futex wake-up, interleaved with read()", r["lat-blocked-futex"])
     r["floor"] = bench_poll_floor()
     show("Python floor: spin on one shared word -> seen", r["floor"])
 
@@ -919,12 +977,24 @@ def main() -> int:
     ratio(
         "blocked read_into p50 from commit / bare futex",
         "lat-block-into-commit",
-        "futex",
+        "lat-block-into-futex",
         "p50",
         "<= 1.2",
     )
-    ratio("blocked read() p50 from commit / bare futex", "lat-blocked-commit", "futex", "p50", "-")
-    ratio("blocked read() p50 end-to-end / bare futex", "lat-blocked", "futex", "p50", "-")
+    ratio(
+        "blocked read() p50 from commit / bare futex",
+        "lat-blocked-commit",
+        "lat-blocked-futex",
+        "p50",
+        "-",
+    )
+    ratio(
+        "blocked read() p50 end-to-end / bare futex",
+        "lat-blocked",
+        "lat-blocked-futex",
+        "p50",
+        "-",
+    )
     for key, label in (
         ("lat-spin-into-commit", "busy-poll p50 from commit: read_into spinning"),
         ("lat-poll-into-commit", "busy-poll p50 from commit: read_into(timeout=0) loop"),

@@ -488,7 +488,7 @@ def test_garbage_or_empty_leftovers_are_reported_and_replaced(shm_name: str) -> 
     path = f"/dev/shm/bp.{shm_name}"
     with open(path, "wb") as fh:
         fh.write(b"not a segment" * 1000)
-    with pytest.raises(StreamNotFound, match="not a beampipe-shm v1 segment"):
+    with pytest.raises(StreamNotFound, match="is not a beampipe-shm segment"):
         Reader(shm_name)
     with one(shm_name) as p:  # nobody holds its lock: stale, removed, replaced
         assert p.frames_published == 0

@@ -135,7 +135,10 @@ def test_read_into_discards_a_copy_the_producer_rewrote(shm_name: str) -> None:
                 self.inner[key] = value  # type: ignore[index]
                 p._words[p._slot_word[k]] = 2 * 2 - 1  # frame 2 claims the slot now
 
-        r._into_pairs[k] = [(Racing(d), s) for d, s in r._into_pairs[k]]
+        assert r._into_slots is not None
+        sw, copies, meta = r._into_slots[k]
+        assert copies is not None
+        r._into_slots[k] = (sw, [(Racing(d), s) for d, s in copies], meta)
         torn = r.stats.torn
         assert r.read_into(buf, timeout=0) == 0  # the torn copy is never returned
         assert r.stats.torn == torn + 1

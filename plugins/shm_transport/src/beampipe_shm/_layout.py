@@ -27,7 +27,7 @@ from ._sys import PAGE
 __all__ = ["Geometry", "Schema", "StreamSpec"]
 
 MAGIC = int.from_bytes(b"BPSHMv01", "little")
-VERSION = 1
+VERSION = 2  # 2: small arrays inline after the slot's first cache line
 PREFIX = "bp."
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -60,8 +60,9 @@ H_RATE = 18  # f64 bits: frames/s, exponentially weighted
 H_DROPPED = 19  # frames the producer could not place (every slot leased)
 H_RECLAIMED = 20  # dead readers whose records and leases were reclaimed
 H_LEASE_SKIPS = 21  # publishes that skipped a leased slot
-# cache line 4: the futex word (low 32 bits)
-H_NOTIFY = 32
+# the futex word (low 32 bits), in LATEST's cache line: the producer stores both per frame
+# (one line to take from the readers' caches, not two), and readers read both
+H_NOTIFY = 23
 HEADER_WORDS = 64
 NOTIFY_OFFSET = H_NOTIFY * 8
 
@@ -80,8 +81,12 @@ S_FRAME_ID = 2  # i64, user's id (detector counter) or N
 S_TIMESTAMP = 3  # f64 bits, epoch seconds
 S_PUBLISH_NS = 4  # monotonic ns at publish (latency measurements)
 S_ATTRS_LEN = 5
-S_LEAD = 8  # MAX_STREAMS words: each stream's leading dimension in this frame
-SLOT_FIXED = (S_LEAD + MAX_STREAMS) * 8  # 320 bytes before the attributes
+# bytes [64, 256): small arrays, right after the cache line holding the sequence word and the
+# frame's metadata, so a reader of a small frame touches two adjacent cache lines in all
+S_INLINE = 8
+INLINE_BYTES = 192
+S_LEAD = S_INLINE + INLINE_BYTES // 8  # MAX_STREAMS words: each stream's leading dimension
+SLOT_FIXED = (S_LEAD + MAX_STREAMS) * 8  # 512 bytes before the attributes
 
 # ---- reader record words (relative to the record start) ----
 R_PID = 0  # 0 = free
@@ -309,8 +314,15 @@ class Geometry:
         record_stride = round_up(R_CTRL_DATA + control_bytes, PAGE)
         slots_off = records_off + max_readers * record_stride
         off = round_up(SLOT_FIXED + attrs_bytes, 64)
+        inline, inline_end = S_INLINE * 8, S_INLINE * 8 + INLINE_BYTES
         offsets = []
         for s in schema.streams:
+            if 0 < s.nbytes <= inline_end - inline:
+                # small arrays (in schema order, while they fit) go inline, next to the
+                # sequence word: one or two cache lines cross cores per small frame
+                offsets.append(inline)
+                inline = round_up(inline + s.nbytes, 8)
+                continue
             # page-align big arrays (and their cache lines), pack small ones
             off = round_up(off, PAGE if s.nbytes >= PAGE else 64)
             offsets.append(off)

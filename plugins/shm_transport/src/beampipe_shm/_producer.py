@@ -634,7 +634,7 @@ class Producer:
             w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
             w[sw] = even  # (L.S_SEQ is word 0 of a slot)
             w[16] = latest  # L.H_LATEST
-        w[L.H_NOTIFY] = (w[L.H_NOTIFY] + 1) & 0xFFFFFFFF
+        w[23] = (w[23] + 1) & 0xFFFFFFFF  # L.H_NOTIFY
         fence()  # latest/notify before we read the waiting flags (Dekker with Reader._wait)
         # (flags are 0 or 1, so even a byte-wise copy of one reads it right; a dead reader's
         # stale flag costs one spurious wake)

@@ -47,6 +47,9 @@ _WRAP = 0xFFFFFFFF
 _LEASE_COPY_BYTES = 256 * 1024
 _BEAT_NS = 10_000_000
 _SECONDS = frozenset((int, float))
+#: slot words S_FRAME_ID, S_TIMESTAMP, S_PUBLISH_NS (contiguous): what read_into copies
+_META = struct.Struct("QdQ")
+_META_OFF = L.S_FRAME_ID * 8
 
 
 def _i64(v: int) -> int:
@@ -354,18 +357,22 @@ class Reader:
         self._closed = False
         self._next_liveness = 0.0
         self._next_beat = 0
-        self._beat_count = 0
+        self._beat_count = 32  # frames until the next heartbeat check
         self._empty_polls = 0
         # read_into(): the out buffers last bound (identity), and per slot (dst, src) pairs
         self._into_key: Any = None
         self._into_arrays: tuple[np.ndarray[Any, Any], ...] = ()
         self._into_pairs: list[list[tuple[Any, Any]]] = []
+        #: per slot (sequence word index, copies or None for a big slot, metadata bytes): what
+        #: _into_fast needs, in one lookup; None when read_into must take the general path
+        self._into_slots: list[tuple[int, list[tuple[Any, Any]] | None, memoryview]] | None = None
         self._into_map: dict[str, np.ndarray[Any, Any]] = {}
         self._into_sig: list[tuple[tuple[int, ...], np.dtype[Any]]] = []
         self._into_ok = False
         self._into_is_map = False
-        #: metadata of the last frame read_into() delivered (raw: frame id, timestamp, ns)
-        self._last_meta: tuple[int, float, int] = (0, 0.0, 0)
+        #: metadata of the last frame read_into() delivered, as the slot holds it (frame id,
+        #: timestamp, publish ns): copied in one go under the seqlock, decoded when asked for
+        self._meta = memoryview(bytearray(_META.size))
         #: frames skipped just before the last frame read_into() delivered
         self.last_missed = 0
         deadline = time.monotonic() + max(0.0, float(wait))
@@ -401,9 +408,14 @@ class Reader:
         g = att.seg.geometry
         self._into_key = None  # a new mapping: read_into() binds its buffers again
         self._into_pairs = []
+        self._into_slots = None
         self._into_ok = False
         self._words = att.seg.words
         self._rw = att.rw
+        #: the slot of the last frame delivered: where a reader that keeps up finds the next
+        #: one (the producer rewrites the slot every reader is done with), so an every-frame
+        #: reader looks there before it looks at LATEST (one cache line less per frame)
+        self._pred_k = 0
         self._f64 = att.f64
         self._slot_words = att.slot_word
         self._has_variable = any(s.variable for s in self.schema.streams)
@@ -539,8 +551,11 @@ class Reader:
         # producer reads on every publish
         self._next_beat = now + _BEAT_NS
         rw = self._att.rw
+        st = self.stats
         rw[L.R_HEARTBEAT_NS] = now
-        rw[L.R_TORN] = self.stats.torn
+        rw[L.R_FRAMES] = st.frames
+        rw[L.R_MISSED] = st.missed
+        rw[L.R_TORN] = st.torn
 
     # ------------------------------------------------------------------ fast copy-out
     def read_into(
@@ -580,7 +595,7 @@ class Reader:
             f = r
         if f is None:
             return 0
-        self._last_meta = (f.frame_id & 0xFFFFFFFFFFFFFFFF, f.timestamp, f.publish_ns)
+        _META.pack_into(self._meta, 0, f.frame_id & 0xFFFFFFFFFFFFFFFF, f.timestamp, f.publish_ns)
         self.last_missed = f.missed
         return f.seq
 
@@ -615,6 +630,7 @@ class Reader:
         self._into_arrays = tuple(mapping.values())
         self._into_sig = [(a.shape, a.dtype) for a in self._into_arrays]
         self._into_pairs = []
+        self._into_slots = None
         self._into_ok = not self._has_variable and not self._closed
         self._into_is_map = not isinstance(out, np.ndarray)
         if self._into_ok:
@@ -629,6 +645,15 @@ class Reader:
                     else:
                         pairs.append((dst, src))
                 self._into_pairs.append(pairs)
+            mm = self._att.seg.mm
+            self._into_slots = [
+                (
+                    sw,
+                    None if self._lease_copies else pairs,
+                    memoryview(mm)[sw * 8 + _META_OFF : sw * 8 + _META_OFF + _META.size],
+                )
+                for sw, pairs in zip(self._slot_words, self._into_pairs, strict=True)
+            ]
         self._into_key = out
 
     def _into_fast(self) -> int:
@@ -638,28 +663,37 @@ class Reader:
         Every attribute and constant it needs is prepared at bind time: this is the loop a
         live view spins in, and each lookup is tens of nanoseconds of a ~0.5 us budget.
         """
-        if not self._into_ok:
+        slots = self._into_slots
+        if slots is None:
             return 0
         words = self._words
-        lat = words[16]  # L.H_LATEST (literals: no global lookups on the hot path)
-        n = lat >> 8
         last = self._last
-        if n <= last:
-            return -1
-        if self._mode and n != last + 1:
-            return 0  # an every-frame reader that must catch up in order
-        k = lat & 0xFF
-        sw = self._slot_words[k]
+        n = last + 1
         s = n + n
-        if words[sw] != s:
-            return 0
-        if self._lease_copies:
+        k = self._pred_k
+        sw, copies, meta = slots[k]
+        # every-frame: frame last+1 in the slot the last frame came from is the one to take,
+        # whatever LATEST says (a sequence number names exactly one frame); latest-frame
+        # readers must see LATEST to know it is the newest
+        if not self._mode or words[sw] != s:
+            lat = words[16]  # L.H_LATEST (literals: no global lookups on the hot path)
+            n = lat >> 8
+            if n <= last:
+                return -1
+            if self._mode and n != last + 1:
+                return 0  # an every-frame reader that must catch up in order
+            k = lat & 0xFF
+            sw, copies, meta = slots[k]
+            s = n + n
+            if words[sw] != s:
+                return 0
+        if copies is None:  # a big slot: copied under a lease
             return self._into_leased(k, n, s)
         if WEAK_ORDER:
             load_fence()
-        for dst, src in self._into_pairs[k]:
+        for dst, src in copies:
             dst[:] = src
-        meta = (words[sw + 2], self._f64[sw + 3], words[sw + 4])  # frame id, timestamp, ns
+        self._meta[:] = meta  # frame id, timestamp, publish ns: one copy, decoded on demand
         if WEAK_ORDER:
             load_fence()  # the copies before the re-check of the sequence
         if words[sw] != s:
@@ -667,23 +701,81 @@ class Reader:
             return 0
         # (_delivered, inlined: a call is ~0.1 us of a budget of a few tenths)
         self._last = n
-        self._last_meta = meta
+        self._pred_k = k
+        self._rw[4] = n  # L.R_LAST_SEQ: the producer's slot choice reads it
         missed = n - last - 1
         self.last_missed = missed
         st = self.stats
         st.frames += 1
-        rw = self._rw
-        rw[4] = n  # L.R_LAST_SEQ: the producer's slot choice reads it
-        rw[5] = st.frames  # L.R_FRAMES
         if missed:
             st.missed += missed
-            rw[6] = st.missed  # L.R_MISSED
-        self._beat_count += 1
-        if not self._beat_count & 31:  # idle paths beat too; a busy reader every 32 frames
+        self._beat_count -= 1
+        if self._beat_count <= 0:  # frame counters and heartbeat: every 32 frames at most
+            self._beat_count = 32
             now = time.monotonic_ns()
             if now >= self._next_beat:
                 self._beat(now)
         return n
+
+    def _spin_into(self, spin_end: float) -> int:
+        """Busy-wait for the next frame and copy it: its sequence; 0: take the general path;
+        -1: nothing before ``spin_end``.
+
+        An every-frame reader watches the slot its last frame came from as well as LATEST:
+        a reader that keeps up finds the next frame there (the producer rewrites the slot
+        every reader is done with), and takes it straight from the loop, one cache line
+        (two with the payload) from the producer's store.  A latest-frame reader watches
+        LATEST, which it must read anyway to know the frame is the newest.
+        """
+        words = self._words
+        monotonic = time.monotonic
+        every = self._mode
+        while True:
+            slots = self._into_slots
+            if slots is None:
+                return 0
+            last = self._last
+            s = last + last + 2
+            k = self._pred_k
+            sw, copies, meta = slots[k]
+            if not every or copies is None:
+                sw, s = 16, -1  # never equal (words are unsigned): LATEST only
+            latest = words[16]  # L.H_LATEST
+            # the clock only every 32 looks: a change is seen within one ~60 ns iteration
+            for _ in range(32):
+                if words[sw] == s:
+                    if WEAK_ORDER:
+                        load_fence()
+                    for dst, src in copies:  # type: ignore[union-attr]
+                        dst[:] = src
+                    self._meta[:] = meta
+                    if WEAK_ORDER:
+                        load_fence()  # the copies before the re-check of the sequence
+                    if words[sw] != s:
+                        self.stats.torn += 1
+                        break
+                    n = last + 1
+                    self._last = n
+                    self._rw[4] = n  # L.R_LAST_SEQ: the producer's slot choice reads it
+                    self.last_missed = 0
+                    st = self.stats
+                    st.frames += 1
+                    self._beat_count -= 1
+                    if self._beat_count <= 0:
+                        self._beat_count = 32
+                        now = time.monotonic_ns()
+                        if now >= self._next_beat:
+                            self._beat(now)
+                    return n
+                if words[16] != latest:
+                    break
+            else:
+                if monotonic() >= spin_end:
+                    return -1
+                continue
+            n = self._into_fast()
+            if n >= 0:
+                return n
 
     def _into_leased(self, k: int, n: int, s: int) -> int:
         """A long copy holds the slot instead of betting the producer stays away from it
@@ -697,28 +789,25 @@ class Reader:
         try:
             for dst, src in self._into_pairs[k]:
                 dst[:] = src  # (numpy's copy for big arrays, a memcpy for small ones)
-            sw = self._slot_words[k]
-            meta = (self._words[sw + 2], self._f64[sw + 3], self._words[sw + 4])
+            self._meta[:] = self._into_slots[k][2]  # type: ignore[index]
         finally:
             with self._lock:
                 self._n_leases -= 1
                 att.unlease(k)
-        return self._delivered(n, n - self._last - 1, meta)
+        return self._delivered(k, n, n - self._last - 1)
 
-    def _delivered(self, n: int, missed: int, meta: tuple[int, float, int]) -> int:
+    def _delivered(self, k: int, n: int, missed: int) -> int:
         self._last = n
-        self._last_meta = meta
+        self._pred_k = k
+        self._rw[4] = n  # L.R_LAST_SEQ: the producer's slot choice reads it
         self.last_missed = missed
         st = self.stats
         st.frames += 1
-        rw = self._rw
-        rw[4] = n  # L.R_LAST_SEQ: the producer's slot choice reads it
-        rw[5] = st.frames  # L.R_FRAMES
         if missed:
             st.missed += missed
-            rw[6] = st.missed  # L.R_MISSED
-        self._beat_count += 1
-        if not self._beat_count & 31:  # idle paths beat too; a busy reader every 32 frames
+        self._beat_count -= 1
+        if self._beat_count <= 0:  # frame counters and heartbeat: every 32 frames at most
+            self._beat_count = 32
             now = time.monotonic_ns()
             if now >= self._next_beat:
                 self._beat(now)
@@ -727,17 +816,17 @@ class Reader:
     @property
     def last_frame_id(self) -> int:
         """Frame id of the last frame ``read_into`` delivered."""
-        return _i64(int(self._last_meta[0]))
+        return _i64(int(_META.unpack(self._meta)[0]))
 
     @property
     def last_timestamp(self) -> float:
         """Timestamp (epoch seconds) of the last frame ``read_into`` delivered."""
-        return float(self._last_meta[1])
+        return float(_META.unpack(self._meta)[1])
 
     @property
     def last_publish_ns(self) -> int:
         """``time.monotonic_ns()`` at which the producer published the last frame delivered."""
-        return int(self._last_meta[2])
+        return int(_META.unpack(self._meta)[2])
 
     def _check_out(self, out: Mapping[str, np.ndarray[Any, Any]]) -> None:
         for n, a in out.items():
@@ -790,7 +879,16 @@ class Reader:
             r = (fast and max(0, self._into_fast())) or self._poll(out)
             if r:
                 return r
-        while self.spin:
+        while self.spin and fast and self._into_slots is not None:
+            n = self._spin_into(spin_end)
+            if n > 0:
+                return n
+            if n < 0 or monotonic() >= spin_end:
+                break
+            f = self._poll(out)  # what the fast path does not do (an every reader behind)
+            if f is not None:
+                return f
+        while self.spin and not fast:
             # the clock only every 32 looks: a change is seen within one ~60 ns iteration
             for _ in range(32):
                 if words[16] != latest:  # L.H_LATEST
@@ -799,10 +897,6 @@ class Reader:
                 if monotonic() >= spin_end:
                     break
                 continue
-            if fast:
-                n = self._into_fast()
-                if n > 0:
-                    return n
             f = self._poll(out)
             if f is not None:
                 return f
@@ -865,9 +959,11 @@ class Reader:
                             best_k, best_n = k, fn
                 if best_k < 0:
                     continue
-                f = self._take(att, best_k, best_n, best_n - want, out)
+                k = best_k
+                f = self._take(att, k, best_n, best_n - want, out)
             if f is not None:
                 self._last = f.seq
+                self._pred_k = k
                 st = self.stats
                 st.frames += 1
                 st.missed += f.missed
@@ -875,8 +971,9 @@ class Reader:
                 rw[L.R_LAST_SEQ] = f.seq
                 rw[L.R_FRAMES] = st.frames
                 rw[L.R_MISSED] = st.missed
-                self._beat_count += 1
-                if not self._beat_count & 31:  # idle paths beat too; a busy one every 32 frames
+                self._beat_count -= 1
+                if self._beat_count <= 0:  # idle paths beat too; a busy one every 32 frames
+                    self._beat_count = 32
                     now = time.monotonic_ns()
                     if now >= self._next_beat:
                         self._beat(now)
@@ -1058,6 +1155,7 @@ class Reader:
         self._closed = True
         self._into_ok = False
         self._into_pairs = []
+        self._into_slots = None
         with self._lock:
             self._finalizer()
 

@@ -70,8 +70,13 @@ def open_segment(name: str, *, require_live: bool = True) -> Mapped:
         raise
     words = memoryview(mm).cast("Q")
     try:
-        if words[L.H_MAGIC] != L.MAGIC or words[L.H_VERSION] != L.VERSION:
-            raise StreamNotFound(f"stream {name!r}: {path} is not a beampipe-shm v1 segment")
+        if words[L.H_MAGIC] != L.MAGIC:
+            raise StreamNotFound(f"stream {name!r}: {path} is not a beampipe-shm segment")
+        if words[L.H_VERSION] != L.VERSION:
+            raise StreamNotFound(
+                f"stream {name!r}: {path} has segment layout v{words[L.H_VERSION]}, this "
+                f"beampipe-shm reads v{L.VERSION} (producer and reader versions differ)"
+            )
         state = words[L.H_STATE]
         if state == L.STATE_INIT:
             raise StreamNotFound(f"stream {name!r} is still being created")
