@@ -37,18 +37,78 @@ def test_bulk_get_waveforms_are_numpy_copies(ioc):
     caput(ioc.pv("wf_double"), data, wait=True)
     caput(ioc.pv("wf_short"), [1, -2, 3], wait=True)
     caput(ioc.pv("wf_string"), ["a", "bc"], wait=True)
-    got = beampipe_ca.bulk_get(
-        [ioc.pv("wf_double"), ioc.pv("wf_short"), ioc.pv("wf_string")], timeout=10
-    )
+    names = [ioc.pv("wf_double"), ioc.pv("wf_short"), ioc.pv("wf_string"), ioc.pv("ao")]
+    got = beampipe_ca.bulk_get(names, timeout=10)  # arrays, a string array and a scalar at once
     wf = got[ioc.pv("wf_double")]
     assert isinstance(wf, np.ndarray)
     assert wf.dtype == np.float64
     np.testing.assert_array_equal(wf, data)
-    assert wf.flags.writeable and wf.flags.owndata  # a copy, not a view of libca's buffer
     short = got[ioc.pv("wf_short")]
     assert short.dtype == np.int16
     np.testing.assert_array_equal(short, [1, -2, 3])  # only NORD elements
     assert got[ioc.pv("wf_string")] == ["a", "bc"]
+    assert got[ioc.pv("ao")] == 1.5
+    # Our own copies, not views of libca's receive buffers: later reads neither change
+    # them nor share memory with them, and they can be written to.
+    again = [beampipe_ca.bulk_get(names[:2], timeout=10) for _ in range(5)]
+    np.testing.assert_array_equal(wf, data)
+    np.testing.assert_array_equal(short, [1, -2, 3])
+    assert not np.shares_memory(wf, again[-1][ioc.pv("wf_double")])
+    assert not np.shares_memory(wf, short)
+    assert wf.flags.writeable
+    wf[:] = -1.0
+    np.testing.assert_array_equal(beampipe_ca.bulk_get(names[:1], timeout=10)[names[0]], data)
+
+
+def test_bulk_read_of_every_numeric_waveform_type(ioc):
+    """Each native array type on the array path, as readings with alarm and time stamp."""
+    from epics import caput
+
+    values = {
+        "wf_double": (np.array([0.5, -1.25]), np.float64),
+        "wf_float": (np.array([1.5, 2.5, 3.5]), np.float32),
+        "wf_short": (np.array([7, -8]), np.int16),
+        "wf_long": (np.array([1 << 20, -5, 6, 7]), np.int32),
+        "wf_char": (np.array([104, 105, 0]), np.uint8),
+        "wf_enum": (np.array([2, 1]), np.uint16),
+    }
+    before = time.time()
+    for suffix, (data, _dtype) in values.items():
+        caput(ioc.pv(suffix), data, wait=True)
+    got = beampipe_ca.bulk_read([ioc.pv(s) for s in values], timeout=10)
+    for suffix, (data, dtype) in values.items():
+        r = got[ioc.pv(suffix)]
+        assert isinstance(r, Reading), suffix
+        assert isinstance(r.value, np.ndarray) and r.value.dtype == dtype, suffix
+        np.testing.assert_array_equal(r.value, data.astype(dtype), err_msg=suffix)
+        assert before - 1 <= r.timestamp <= time.time() + 1, suffix
+        assert r.severity == 0, suffix
+
+
+def test_never_written_waveform_is_an_empty_array(ioc):
+    got = beampipe_ca.bulk_get([ioc.pv("wf_empty"), ioc.pv("ao")], timeout=10)
+    empty = got[ioc.pv("wf_empty")]
+    assert isinstance(empty, np.ndarray) and empty.dtype == np.float64
+    assert empty.size == 0  # NORD = 0: nothing, not NELM zeros
+
+
+def test_array_replies_after_the_timeout_are_dropped(bank_ioc):
+    """Arrays not in by the deadline fail alone; their late replies change nothing returned."""
+    names = [bank_ioc.pv(f"w{i}") for i in range(BANK_SIZE)]
+    assert not beampipe_ca.connect(names, timeout=10)
+    ctx = context()
+    ok, failed = ctx.read_time_now(names, 1e-5, readings=False)
+    assert len(ok) + len(failed) == BANK_SIZE
+    assert failed, "all 200 waveforms answered within 10 us: the timeout path was not taken"
+    for name, why in failed.items():
+        assert why == f"{name}: no reply (timed out after 1e-05 s)"
+    kept = {name: value.copy() for name, value in ok.items()}
+    time.sleep(0.5)  # the late replies arrive meanwhile
+    assert not ctx._array_gets  # the given-up batch is gone; its late replies were dropped
+    for name, value in ok.items():
+        np.testing.assert_array_equal(value, kept[name])
+    ok, failed = ctx.read_time_now(names, 10, readings=False)
+    assert not failed and len(ok) == BANK_SIZE
 
 
 def test_bulk_read_has_alarm_time_and_ctrl(ioc):

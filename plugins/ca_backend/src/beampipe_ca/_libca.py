@@ -324,6 +324,27 @@ class _GetBatch:
             self.complete(self.results)
 
 
+class _ArrayBatch:
+    """The array replies still owed to one blocking bulk read.
+
+    The libca callback only copies each reply (header and the NORD elements it
+    carries) into a buffer of its own and counts it; decoding into numpy arrays
+    waits for the caller's thread.  A callback is where replies queue behind each
+    other on libca's receive thread, so it is kept to an allocation and a memmove.
+    """
+
+    __slots__ = ("counter", "done", "offsets", "replies", "statuses", "total")
+
+    def __init__(self, offsets: list[int], sizes: list[int]) -> None:
+        self.total = len(offsets)
+        #: Per slot: (offset of the value in the DBR_TIME reply, element size).
+        self.offsets = list(zip(offsets, sizes, strict=True))
+        self.replies: list[tuple[Any, int] | None] = [None] * self.total
+        self.statuses: list[int] = [ECA_NORMAL] * self.total
+        self.counter = itertools.count(1)
+        self.done = threading.Event()
+
+
 class _Context:
     """The process's CA context as beampipe_ca sees it: libca, channels, in-flight gets."""
 
@@ -373,12 +394,14 @@ class _Context:
         self._channels: dict[str, Channel] = {}
         self._by_token: dict[int, Channel] = {}
         self._gets: dict[int, _GetBatch] = {}
+        self._array_gets: dict[int, _ArrayBatch] = {}
         self._batch_no = 0
         #: Wire batches put on the wire so far (tests and benchmarks check coalescing with it).
         self.batches_issued = 0
         self._next_usr = 1
         self._conn_cb = _CONN_CB(self._on_connection)
         self._event_cb = _EVENT_CB(self._on_get)
+        self._array_cb = _EVENT_CB(self._on_array)
         self.io = _ReadIO(self)
         self.reads: Coalescer[Any, Any] = Coalescer(self.io, max_batch=4000, name="ca")
 
@@ -640,13 +663,16 @@ class _Context:
         A connected scalar is fetched with ``ca_array_get`` straight into one
         shared buffer and the whole set is awaited with one ``ca_pend_io``: no
         Python runs per reply, which is what a bulk read of many scalars is
-        made of.  Arrays keep the callback path (their reply length is only
-        known then).  Each slot's severity starts as 0xFFFF, a value no IOC
-        sends, so a slot the reply never filled is told apart and fails alone.
-        Only for Python threads: libca forbids ``ca_pend_io`` on its own
-        callback threads, where everything takes the callback path.
+        made of.  Each slot's severity starts as 0xFFFF, a value no IOC sends,
+        so a slot the reply never filled is told apart and fails alone.
+        Numeric arrays need a callback (their length, NORD, is only known in
+        the reply), which only copies the reply aside (:class:`_ArrayBatch`);
+        they become numpy arrays here, after the wait.  Only for Python
+        threads: libca forbids ``ca_pend_io`` on its own callback threads,
+        where everything takes the general callback path.
         """
         scalars: list[Channel] = []
+        arrays: list[Channel] = []
         rest: list[str] = []
         groups: dict[int, list[Channel]] = {}
         if isinstance(threading.current_thread(), threading._DummyThread):
@@ -655,19 +681,25 @@ class _Context:
             get = self._channels.get
             for name in names:
                 chan = get(name)
-                if chan is not None and chan.copyable:
+                if chan is None:
+                    rest.append(name)
+                elif chan.copyable:
                     group = groups.get(chan.native)
                     if group is None:
                         group = groups[chan.native] = []
                     group.append(chan)
                     scalars.append(chan)
+                elif chan.up and chan.count > 1 and 0 < chan.native < 7 and type(chan) is Channel:
+                    arrays.append(chan)
                 else:
                     rest.append(name)
-        if not scalars:
+        if not scalars and not arrays:
             return _split(self.read_now(rest, timeout, self.io.plans["time"]), readings)
         deadline = time.monotonic() + timeout
         done = threading.Event()
         state = self._issue(rest, lambda _r: done.set(), self.io.plans["time"]) if rest else None
+        # Arrays first: theirs are the longest replies.
+        array_batch = self._issue_arrays(arrays) if arrays else None
         ok: dict[str, Any] = {}
         failed: dict[str, str] = {}
 
@@ -675,25 +707,33 @@ class _Context:
         # libca writes each reply into its record, numpy decodes them all at once.  The
         # arrays are reused (only one batch uses this path at a time: _pend_lock).
         decoded: list[tuple[int, list[Channel], list[Any], list[int], Any]] = []
-        with self._pend_lock:
-            self.attach()
-            self.batches_issued += 1
-            get = self.queue_get_copy
-            for native, chans in groups.items():
-                records, base = self._pend_records(native, len(chans))
-                records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
-                size, dbrcode = records.dtype.itemsize, native + 14
-                for i, chan in enumerate(chans):
-                    status = get(dbrcode, 1, chan.chid, base + i * size)
-                    if status != ECA_NORMAL:
-                        failed[chan.name] = f"{chan.name}: ca_array_get: {self.message(status)}"
-            pend = self.lib.ca_pend_io(max(1e-3, deadline - time.monotonic()))
-            for native, chans in groups.items():
-                records, _base = self._pend_records(native, len(chans))
-                header = records[["status", "secs", "nsec"]].copy() if readings else None
-                decoded.append(
-                    (native, chans, records["value"].tolist(), records["severity"].tolist(), header)
-                )
+        pend = ECA_NORMAL
+        if scalars:
+            with self._pend_lock:
+                self.attach()
+                self.batches_issued += 1
+                get = self.queue_get_copy
+                for native, chans in groups.items():
+                    records, base = self._pend_records(native, len(chans))
+                    records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
+                    size, dbrcode = records.dtype.itemsize, native + 14
+                    for i, chan in enumerate(chans):
+                        status = get(dbrcode, 1, chan.chid, base + i * size)
+                        if status != ECA_NORMAL:
+                            failed[chan.name] = f"{chan.name}: ca_array_get: {self.message(status)}"
+                pend = self.lib.ca_pend_io(max(1e-3, deadline - time.monotonic()))
+                for native, chans in groups.items():
+                    records, _base = self._pend_records(native, len(chans))
+                    header = records[["status", "secs", "nsec"]].copy() if readings else None
+                    decoded.append(
+                        (
+                            native,
+                            chans,
+                            records["value"].tolist(),
+                            records["severity"].tolist(),
+                            header,
+                        )
+                    )
         why = "timed out" if pend == ECA_TIMEOUT else self.message(pend)
         for native, chans, values, severities, header in decoded:
             if native == 0:
@@ -713,6 +753,8 @@ class _Context:
                     ok[chan.name] = Reading(value, stamp, severity, status) if readings else value
                 elif chan.name not in failed:
                     failed[chan.name] = f"{chan.name}: no reply ({why})"
+        if array_batch is not None:
+            self._finish_arrays(arrays, *array_batch, deadline, timeout, readings, ok, failed)
         if state is not None:
             if done.wait(max(0.0, deadline - time.monotonic())):
                 results = state.results
@@ -722,6 +764,67 @@ class _Context:
             ok.update(more_ok)
             failed.update(more_failed)
         return ok, failed
+
+    def _issue_arrays(self, chans: list[Channel]) -> tuple[int, _ArrayBatch]:
+        """One ``ca_array_get_callback`` of NORD elements per array PV, and one flush."""
+        if len(chans) > _MAX_KEYS:
+            raise CaError(f"at most {_MAX_KEYS} PVs per batch, got {len(chans)}")
+        self.attach()
+        with self._lock:
+            self._batch_no = batch_no = (self._batch_no + 1) & 0xFFFFFFFF
+            self.batches_issued += 1
+        layouts = [_TIME_LAYOUT[chan.native] for chan in chans]
+        state = _ArrayBatch(
+            [off for off, _dt, _f in layouts], [dt.itemsize for _o, dt, _f in layouts]
+        )
+        self._array_gets[batch_no] = state
+        base = batch_no << 24
+        queue_get, cb = self.queue_get, self._array_cb
+        for idx, chan in enumerate(chans):
+            # Count 0: the server sends NORD elements, so a shortened waveform is not
+            # padded with zeros that would pass for data.
+            status = queue_get(chan.native + 14, 0, chan.chid, cb, base | idx)
+            if status != ECA_NORMAL:
+                state.statuses[idx] = status
+                if next(state.counter) == state.total:
+                    state.done.set()
+        self.lib.ca_flush_io()
+        return batch_no, state
+
+    def _finish_arrays(
+        self,
+        chans: list[Channel],
+        batch_no: int,
+        state: _ArrayBatch,
+        deadline: float,
+        timeout: float,
+        readings: bool,
+        ok: dict[str, Any],
+        failed: dict[str, str],
+    ) -> None:
+        """Wait for an array batch and turn its copied replies into numpy arrays."""
+        state.done.wait(max(0.0, deadline - time.monotonic()))
+        # Replies after this are dropped by the callback (it no longer finds the batch).
+        self._array_gets.pop(batch_no, None)
+        unpack = _TIME_HEADER.unpack_from
+        for chan, got, status in zip(chans, state.replies, state.statuses, strict=True):
+            if got is None:
+                why = (
+                    self.message(status)
+                    if status != ECA_NORMAL
+                    else f"no reply (timed out after {timeout:g} s)"
+                )
+                failed[chan.name] = f"{chan.name}: {why}"
+                continue
+            reply, count = got
+            off, dtype, _fmt = _TIME_LAYOUT[chan.native]
+            # A view of the reply's own copy: writable, and it keeps only that copy alive.
+            value = np.frombuffer(reply, dtype, count, off)
+            if readings:
+                status_, severity, secs, nsec = unpack(reply)
+                ok[chan.name] = Reading(value, secs + EPICS_EPOCH + nsec * 1e-9, severity, status_)
+            else:
+                ok[chan.name] = value
 
     def _pend_records(self, native: int, n: int) -> tuple[np.ndarray[Any, Any], int]:
         """The reusable DBR_TIME record array for ``n`` scalars of one type, and its address."""
@@ -773,6 +876,32 @@ class _Context:
         except TimeoutError:
             return self._give_up(state, timeout)
         return state.results
+
+    def _on_array(self, args: _EventArgs) -> None:
+        _pin_thread_state()
+        try:
+            usr = args.usr or 0
+            state = self._array_gets.get(usr >> 24)
+            if state is None:
+                return  # given up on (timed out) before this reply came
+            idx = usr & 0xFFFFFF
+            status = args.status
+            if status == ECA_NORMAL:
+                count = args.count
+                off, size = state.offsets[idx]
+                nbytes = off + count * size
+                # Sized from the reply itself: a waveform that grew across an IOC
+                # reboot can not overrun it.
+                # (copied without first zeroing a new buffer: from_buffer_copy)
+                kind = ctypes.c_char * nbytes
+                reply = kind.from_buffer_copy(kind.from_address(args.raw_dbr))
+                state.replies[idx] = (reply, count)
+            else:
+                state.statuses[idx] = status
+            if next(state.counter) == state.total:
+                state.done.set()
+        except Exception:
+            logger.exception("beampipe_ca array get callback failed")
 
     def _on_get(self, args: _EventArgs) -> None:
         _pin_thread_state()
