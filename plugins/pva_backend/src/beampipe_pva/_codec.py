@@ -244,7 +244,10 @@ class FieldDesc:
         self.id = id
         self.fields = fields
         self.nbits: int = 1 + sum(f.nbits for _, f in fields) if code == _STRUCT else 1
-        self._plans: dict[bytes, Callable[[bytes, int], tuple[dict[str, Any], int]]] = {}
+        self._plans: dict[
+            tuple[bytes, str, frozenset[str] | None],
+            Callable[[bytes, int], tuple[dict[str, Any], int]],
+        ] = {}
         self._p4p: Any = None
 
     def __repr__(self) -> str:
@@ -286,12 +289,18 @@ class FieldDesc:
 
         return Value(self.p4p_type(), fields)
 
-    def plan(self, bits: bytes, order: str) -> Callable[[bytes, int], tuple[dict[str, Any], int]]:
-        """The parser for a value with this changed-bitset (LE bytes): (buf, pos) -> (dict, pos)."""
-        key = bits + order.encode()
+    def plan(
+        self, bits: bytes, order: str, keep: frozenset[str] | None = None
+    ) -> Callable[[bytes, int], tuple[dict[str, Any], int]]:
+        """The parser for a value with this changed-bitset (LE bytes): (buf, pos) -> (dict, pos).
+
+        ``keep`` names the top-level fields wanted (e.g. only ``value``); the
+        others are skipped over, not decoded.  None keeps everything.
+        """
+        key = (bits, order, keep)
         fn = self._plans.get(key)
         if fn is None:
-            fn = _compile(self, int.from_bytes(bits, "little"), order)
+            fn = _compile(self, int.from_bytes(bits, "little"), order, keep)
             if len(self._plans) < 64:
                 self._plans[key] = fn
         return fn
@@ -404,14 +413,36 @@ def _array(buf: bytes, pos: int, order: str, dtype: np.dtype[Any]) -> tuple[np.n
     return a, end
 
 
+def _skip_strings(buf: bytes, pos: int, order: str) -> int:
+    n, pos = _read_size(buf, pos, order)
+    for _ in range(max(n, 0)):
+        k = buf[pos]
+        if k < 254:
+            pos += 1 + k
+        else:
+            k, pos = _read_size(buf, pos, order)
+            pos += max(k, 0)
+    return pos
+
+
+def _skip_array(buf: bytes, pos: int, order: str, itemsize: int) -> int:
+    n, pos = _read_size(buf, pos, order)
+    return pos + max(n, 0) * itemsize
+
+
 class _Gen:
-    """Emits the body of one parser function: locals v0.., a dict expression at the end."""
+    """Emits the body of one parser function: locals v1.., a dict expression at the end.
+
+    Fields outside the projection are skipped, not decoded: fixed-size ones
+    become pad bytes of the surrounding ``struct`` format, strings and arrays
+    a length read and a jump.
+    """
 
     def __init__(self, order: str) -> None:
         self.order = order
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
-        self.run: list[tuple[str, str]] = []  # pending fixed-size scalars: (var, format char)
+        self.run: list[tuple[str, str]] = []  # pending fixed-size scalars: (var or "", format)
         self.nvar = 0
 
     def var(self) -> str:
@@ -427,18 +458,20 @@ class _Gen:
         if not self.run:
             return
         fmt = self.order + "".join(c for _, c in self.run)
-        s = self.const(struct.Struct(fmt))
-        names = ", ".join(v for v, _ in self.run)
-        self.lines.append(f"{names}, = {s}.unpack_from(buf, pos)")
+        names = [v for v, _ in self.run if v]
+        if names:
+            s = self.const(struct.Struct(fmt))
+            self.lines.append(f"{', '.join(names)}, = {s}.unpack_from(buf, pos)")
         self.lines.append(f"pos += {struct.calcsize(fmt)}")
         self.run = []
 
-    def leaf(self, d: FieldDesc) -> str:
-        v = self.var()
+    def leaf(self, d: FieldDesc, keep: bool = True) -> str:
+        v = self.var() if keep else ""
         code = d.code
         base, array = code & ~_ARRAY_BITS & 0xFF, code & _ARRAY_BITS
         if base in _SCALARS and not array:
-            self.run.append((v, _SCALARS[base][0]))
+            fmt = _SCALARS[base][0]
+            self.run.append((v, fmt) if keep else ("", f"{struct.calcsize(fmt)}x"))
             return v
         self.flush()
         o = repr(self.order)
@@ -446,46 +479,63 @@ class _Gen:
             self.lines.append("n = buf[pos]")
             self.lines.append("if n < 254:")
             self.lines.append("    pos += 1 + n")
-            self.lines.append(f"    {v} = buf[pos - n : pos].decode('utf-8', 'replace')")
+            if keep:
+                self.lines.append(f"    {v} = buf[pos - n : pos].decode('utf-8', 'replace')")
             self.lines.append("else:")
-            self.lines.append(f"    {v}, pos = _read_string(buf, pos, {o})")
+            self.lines.append(f"    {v or '_'}, pos = _read_string(buf, pos, {o})")
         elif base == _STRING:
-            self.lines.append(f"{v}, pos = _strings(buf, pos, {o})")
+            if keep:
+                self.lines.append(f"{v}, pos = _strings(buf, pos, {o})")
+            else:
+                self.lines.append(f"pos = _skip_strings(buf, pos, {o})")
         else:
-            dt = self.const(np.dtype(self.order + _SCALARS[base][0]))
-            self.lines.append(f"{v}, pos = _array(buf, pos, {o}, {dt})")
+            dt = np.dtype(self.order + _SCALARS[base][0])
+            if keep:
+                self.lines.append(f"{v}, pos = _array(buf, pos, {o}, {self.const(dt)})")
+            else:
+                self.lines.append(f"pos = _skip_array(buf, pos, {o}, {dt.itemsize})")
         return v
 
-    def whole(self, d: FieldDesc) -> str:
-        """Expression for a field sent in full."""
+    def whole(self, d: FieldDesc, keep: bool = True) -> str:
+        """Expression for a field sent in full ('' when skipped)."""
         if d.code != _STRUCT:
-            return self.leaf(d)
-        items = [f"{name!r}: {self.whole(f)}" for name, f in d.fields]
-        return "{" + ", ".join(items) + "}"
+            return self.leaf(d, keep)
+        items = [(name, self.whole(f, keep)) for name, f in d.fields]
+        return "{" + ", ".join(f"{n!r}: {e}" for n, e in items) + "}" if keep else ""
 
-    def partial(self, d: FieldDesc, bits: int, bit: int) -> str | None:
-        """Expression for the marked parts of a field at ``bit``, or None if nothing is sent."""
+    def partial(
+        self, d: FieldDesc, bits: int, bit: int, keep: frozenset[str] | bool = True
+    ) -> str | None:
+        """Expression for the marked parts of a field at ``bit``; None if none (or skipped).
+
+        ``keep``: True/False for this whole field, or the top-level names to keep.
+        """
         if bits >> bit & 1:
-            return self.whole(d)
+            if isinstance(keep, frozenset):
+                items = [(n, self.whole(f, n in keep)) for n, f in d.fields]
+                return "{" + ", ".join(f"{n!r}: {e}" for n, e in items if e) + "}"
+            return self.whole(d, keep) or None
         if d.code != _STRUCT or not bits >> bit:
             return None
-        items, child = [], bit + 1
+        fields: list[str] = []
+        child = bit + 1
         for name, f in d.fields:
-            expr = self.partial(f, bits, child)
+            sub = (name in keep) if isinstance(keep, frozenset) else keep
+            expr = self.partial(f, bits, child, sub)
             if expr is not None:
-                items.append(f"{name!r}: {expr}")
+                fields.append(f"{name!r}: {expr}")
             child += f.nbits
-        return "{" + ", ".join(items) + "}" if items else None
+        return "{" + ", ".join(fields) + "}" if fields else None
 
 
 def _compile(
-    desc: FieldDesc, bits: int, order: str
+    desc: FieldDesc, bits: int, order: str, keep: frozenset[str] | None = None
 ) -> Callable[[bytes, int], tuple[dict[str, Any], int]]:
     _check_supported(desc)
     if desc.code != _STRUCT:
         raise Unsupported("a GET value is a structure")
     gen = _Gen(order)
-    expr = gen.partial(desc, bits, 0) or "{}"
+    expr = gen.partial(desc, bits, 0, True if keep is None else keep) or "{}"
     gen.flush()
     src = "def parse(buf, pos):\n"
     src += "".join(f"    {line}\n" for line in gen.lines)
@@ -494,6 +544,8 @@ def _compile(
         "_read_string": _read_string,
         "_strings": _strings,
         "_array": _array,
+        "_skip_strings": _skip_strings,
+        "_skip_array": _skip_array,
         **gen.consts,
     }
     exec(compile(src, f"<pva parser {desc.id or 'structure'}>", "exec"), namespace)
@@ -611,8 +663,12 @@ def parse_get_reply(
     order: str,
     cache: dict[int, FieldDesc],
     desc_of: Callable[[int], FieldDesc | None],
+    keep: frozenset[str] | None = None,
 ) -> GetReply:
-    """A GET reply; ``desc_of(ioid)`` gives the INITed type an EXEC reply is parsed with."""
+    """A GET reply; ``desc_of(ioid)`` gives the INITed type an EXEC reply is parsed with.
+
+    ``keep``: the top-level fields to decode (the rest are skipped); None for all.
+    """
     try:
         ioid, sub = struct.unpack_from(order + "iB", body, 0)
         error, pos = _read_status(body, 5, order)
@@ -629,7 +685,7 @@ def parse_get_reply(
         if desc is None:
             raise ProtocolError(f"GET reply for operation {ioid}, which was never INITed")
         bits, pos = _bitset(body, pos, order)
-        value, pos = desc.plan(bits, order)(body, pos)
+        value, pos = desc.plan(bits, order, keep)(body, pos)
     except (IndexError, struct.error, UnicodeDecodeError) as exc:
         raise ProtocolError(f"truncated or malformed GET reply: {exc}") from exc
     if pos != len(body):

@@ -72,6 +72,7 @@ class _Channel:
         "cid",
         "circuit",
         "desc",
+        "exec_msg",
         "ioid",
         "name",
         "next_search",
@@ -92,7 +93,11 @@ class _Channel:
         self.sid = -1
         self.ioid = -1
         self.desc: C.FieldDesc | None = None
-        self.queue: collections.deque[ReadCallback] = collections.deque()
+        #: reads waiting for this channel's EXEC replies: (callback, fields to decode)
+        self.queue: collections.deque[tuple[ReadCallback, frozenset[str] | None]] = (
+            collections.deque()
+        )
+        self.exec_msg = b""
         self.busy = False
         self.sent_at = 0.0
 
@@ -142,8 +147,13 @@ class NativeReader:
 
     # --- caller side ------------------------------------------------------------------
 
-    def start_reads(self, names: Iterable[str], on_result: ReadCallback) -> list[str]:
-        """EXEC the persistent GET of each ready name; returns the names it did not take."""
+    def start_reads(
+        self, names: Iterable[str], on_result: ReadCallback, keep: frozenset[str] | None = None
+    ) -> list[str]:
+        """EXEC the persistent GET of each ready name; returns the names it did not take.
+
+        ``keep``: the top-level fields the caller needs decoded (None: all).
+        """
         if self._thread is None:
             self._poll_inline()
         rest: list[str] = []
@@ -161,12 +171,12 @@ class NativeReader:
                     self._reset_channel(ch, f"{name}: GET unanswered for {_STUCK:.0f} s", [])
                     rest.append(name)
                     continue
-                ch.queue.append(on_result)
+                ch.queue.append((on_result, keep))
                 if not ch.busy:
                     ch.busy = True
                     self._inflight += 1
                     ch.sent_at = now
-                    ch.circuit.tx += C.get_exec(ch.sid, ch.ioid)
+                    ch.circuit.tx += ch.exec_msg
                     touched.add(ch.circuit)
             for circuit in touched:
                 self._flush(circuit)
@@ -452,9 +462,16 @@ class NativeReader:
     ) -> None:
         cmd, body, order = msg.command, msg.body, msg.order
         if cmd == C.CMD_GET:
-            reply = C.parse_get_reply(body, order, circuit.types, lambda i: _desc(circuit, i))
-            ch = circuit.by_ioid.get(reply.ioid)
+            (ioid,) = C.struct.unpack_from(order + "i", body, 0)
+            ch = circuit.by_ioid.get(ioid)
             if ch is None:
+                return
+            keep = ch.queue[0][1] if ch.queue else None
+            desc = ch.desc
+            try:
+                reply = C.parse_get_reply(body, order, circuit.types, lambda _: desc, keep)
+            except C.ProtocolError as exc:  # one bad reply: this channel starts over
+                self._reset_channel(ch, f"{ch.name}: bad GET reply: {exc}", done)
                 return
             if reply.init:
                 self._on_init(ch, reply, done)
@@ -462,10 +479,11 @@ class NativeReader:
                 self._answer(ch, done, reply.error)
             else:
                 assert reply.value is not None and ch.desc is not None
-                cb = ch.queue.popleft() if ch.queue else None
+                head = ch.queue.popleft() if ch.queue else None
+                desc = ch.desc
                 self._next_exec(ch)
-                if cb is not None:
-                    results.append((cb, ch.name, ch.desc, reply.value))
+                if head is not None:
+                    results.append((head[0], ch.name, desc, reply.value))
         elif cmd == C.CMD_VALIDATION:
             C.parse_validation(body, order)
             circuit.tx += C.client_validation()
@@ -515,18 +533,19 @@ class NativeReader:
             self._detach(ch, "unsupported")  # NTNDArray and friends: p4p reads them
             return
         ch.desc = reply.desc
+        ch.exec_msg = C.get_exec(ch.sid, ch.ioid)
         self._set_state(ch, "ready")
 
     def _answer(self, ch: _Channel, done: list[tuple[ReadCallback, str, str]], error: str) -> None:
-        cb = ch.queue.popleft() if ch.queue else None
+        head = ch.queue.popleft() if ch.queue else None
         self._next_exec(ch)
-        if cb is not None:
-            done.append((cb, ch.name, f"{ch.name}: server error: {error}"))
+        if head is not None:
+            done.append((head[0], ch.name, f"{ch.name}: server error: {error}"))
 
     def _next_exec(self, ch: _Channel) -> None:
         if ch.queue and ch.circuit is not None and ch.state == "ready":
             ch.sent_at = time.monotonic()
-            ch.circuit.tx += C.get_exec(ch.sid, ch.ioid)
+            ch.circuit.tx += ch.exec_msg
             self._flush(ch.circuit)
         elif ch.busy:
             ch.busy = False
@@ -536,7 +555,7 @@ class NativeReader:
         self, ch: _Channel, reason: str, done: list[tuple[ReadCallback, str, str]]
     ) -> None:
         while ch.queue:
-            done.append((ch.queue.popleft(), ch.name, reason))
+            done.append((ch.queue.popleft()[0], ch.name, reason))
         if ch.busy:
             ch.busy = False
             self._inflight -= 1
@@ -599,11 +618,6 @@ class NativeReader:
     def _new_id(self) -> int:
         self._next_id = (self._next_id + 1) & 0x7FFFFFFF or 1
         return self._next_id
-
-
-def _desc(circuit: _Circuit, ioid: int) -> C.FieldDesc | None:
-    ch = circuit.by_ioid.get(ioid)
-    return None if ch is None else ch.desc
 
 
 def _run(done: list[tuple[ReadCallback, str, str]]) -> None:

@@ -38,6 +38,8 @@ from ._native import NativeReader
 OP_GET = "get"
 OP_VALUE = "value"
 _OFF = ("0", "no", "false", "off")
+#: What decoding a value needs from a reply (every NT keeps its payload in ``value``).
+_VALUE_ONLY = frozenset(("value",))
 
 __all__ = [
     "PutError",
@@ -288,7 +290,11 @@ class PvaGetIO:
         keys: list[str] = list(batch.keys)
         native = self._native_reader()
         if native is not None:
-            keys = native.start_reads(keys, self._native_handler(batch.id, flight, decoded))
+            keys = native.start_reads(
+                keys,
+                self._native_handler(batch.id, flight, decoded),
+                _VALUE_ONLY if decoded else None,
+            )
             if keys:
                 native.want(keys)  # read through p4p this time, natively from the next read on
         if keys:
