@@ -23,7 +23,8 @@ the moment the reader has the frame: `read_into` (fast path) and `read()`
 (a Frame).  The bare futex wake-up (same ctypes call, no protocol) is the
 floor for the blocked case: it is measured interleaved with the blocked reader,
 wake-up by wake-up between the same two processes, so the ratio is like for like.
-A tight loop on one shared word is CPython's floor for the busy one.
+A tight loop on one shared word is CPython's floor for the busy one, interleaved the
+same way with the spinning `read_into`.
 
 Peers: plain numpy copy of the same bytes (the memory-bandwidth limit),
 pyzmq ipc://, iceoryx2's Python bindings, shmx; each is skipped with the
@@ -437,66 +438,109 @@ def bench_block_vs_futex(
     return latency_stats(lats), latency_stats(commit), latency_stats(bare)
 
 
-def floor_reader(path: str, ready: Any, out: Any) -> None:
+def spin_reader(name: str, path: str, ready: Any, out: Any) -> None:
+    """A busy-polling reader alternating between CPython's floor and ``read_into``.
+
+    Even rounds spin on one bare shared word (the floor: the fastest CPython can notice a
+    store from another core), odd rounds spin in ``read_into`` (``Reader(spin=...)``); both
+    in the same two processes, 200 us apart, so the load of other jobs hits both alike.
+    """
     import mmap
 
+    from beampipe_shm import Reader
+
+    r = Reader(name, mode="every", wait=10.0, spin=3.0, copy=True)
     fd = os.open(path, os.O_RDWR)
     mm = mmap.mmap(fd, 4096)
     w = memoryview(mm).cast("Q")
+    buf = np.zeros(8, np.int64)
     ready.set()
-    lats = []
-    last = 0
+    floor: list[float] = []
+    lats: list[float] = []
+    commit: list[float] = []
     mono = time.monotonic_ns
-    deadline = time.monotonic() + 30
+    seen = 0
+    expect = 0
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        for _ in range(100_000):
-            if w[16] != last:
+        if not expect & 1:  # floor round: w[16] = round + 1
+            for _ in range(100_000):
+                if w[16] != seen:
+                    break
+            else:
+                continue
+            now = mono()
+            if w[2]:
                 break
-        else:
+            seen = w[16]
+            if seen - 1 == expect:
+                floor.append((now - w[1]) / 1e3)
+            expect = seen
             continue
+        n = r.read_into(buf, timeout=3.0)
         now = mono()
-        last = w[16]
-        if w[2]:
+        if not n or buf[1]:
             break
-        lats.append((now - w[1]) / 1e3)
+        got = int(buf[2])
+        if got == expect:
+            lats.append((now - int(buf[0])) / 1e3)
+            commit.append((now - r.last_publish_ns) / 1e3)
+        if got >= expect:
+            expect = got + 1
+    r.close()
     w.release()
     mm.close()
     os.close(fd)
-    out.put(lats)
+    out.put((lats, commit, floor))
 
 
-def bench_poll_floor() -> dict[str, float]:
-    """What CPython can do at best: spin on one shared 8-byte word until it changes."""
+def bench_spin_vs_floor() -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Busy-polling ``read_into`` latency (end to end, from the commit) and CPython's floor,
+    interleaved event by event between the same two processes."""
     import mmap
 
+    from beampipe_shm import Producer, StreamSpec
+
+    name = uniq("bspin")
     path = f"/dev/shm/{uniq('bpfloor')}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    p = Producer(name, [StreamSpec("v", "int64", (8,))], slots=16)
     try:
         os.ftruncate(fd, 4096)
         mm = mmap.mmap(fd, 4096)
         w = memoryview(mm).cast("Q")
         q = CTX.Queue()
         ev = CTX.Event()
-        pr = CTX.Process(target=floor_reader, args=(path, ev, q))
+        pr = CTX.Process(target=spin_reader, args=(name, path, ev, q))
         pr.start()
         assert ev.wait(30)
         time.sleep(0.2)
 
         def send(i: int) -> None:
-            w[1] = time.monotonic_ns()
-            w[16] = i + 1
+            if not i & 1:
+                w[1] = time.monotonic_ns()
+                w[16] = i + 1
+                return
+            t = time.monotonic_ns()
+            with p.frame() as f:
+                f["v"][0] = t
+                f["v"][2] = i
 
-        pace(200e-6, 4000, send)
+        pace(200e-6, 8000, send)
+        with p.frame() as f:
+            f["v"][1] = 1
         w[2] = 1
         w[16] = 10**9
-        lats = q.get(timeout=30)
+        lats, commit, floor = q.get(timeout=30)
         pr.join(10)
         w.release()
         mm.close()
     finally:
+        p.close()
         os.unlink(path)
         os.close(fd)
-    return latency_stats(lats)
+    assert len(lats) > 400 and len(floor) > 400, (len(lats), len(floor))
+    return latency_stats(lats), latency_stats(commit), latency_stats(floor)
 
 
 # ----------------------------------------------------------------------------- pyzmq
@@ -904,8 +948,9 @@ def main() -> int:
     show("iceoryx2 1 reader copy-out", r["iox-copy-bare"])
 
     print("64-byte frame latency to the frame in hand, from the producer's stamp before frame()")
+    r["lat-spin-into"], r["lat-spin-into-commit"], r["floor"] = bench_spin_vs_floor()
+    show("beampipe read_into, spinning reader", r["lat-spin-into"])
     for key, how, into, label in (
-        ("lat-spin-into", "spin", True, "beampipe read_into, spinning reader"),
         ("lat-poll-into", "poll", True, "beampipe read_into(timeout=0) loop"),
         ("lat-busy", "poll", False, "beampipe read(timeout=0) loop -> Frame"),
     ):
@@ -929,7 +974,6 @@ def main() -> int:
     show("beampipe read(), blocked reader (futex)", r["lat-blocked-commit"])
     show("bare futex wake-up, interleaved with read_into", r["lat-block-into-futex"])
     show("bare futex wake-up, interleaved with read()", r["lat-blocked-futex"])
-    r["floor"] = bench_poll_floor()
     show("Python floor: spin on one shared word -> seen", r["floor"])
 
     print("ratios (targets from issue 5)")

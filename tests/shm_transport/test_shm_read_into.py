@@ -252,6 +252,46 @@ def test_a_frame_just_before_a_long_spin_is_not_missed(shm_name: str) -> None:
         g.release()
 
 
+def test_a_spinning_every_reader_sees_a_frame_in_another_slot_at_once(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spin watches the slot of the last frame and LATEST; a frame that lands in another
+    slot while the spin looks at the clock must still be seen (it was once missed until the
+    spin ended: LATEST was re-read after the clock check and the change absorbed)."""
+    from beampipe_shm import _reader
+
+    with (
+        Producer(shm_name, [IMG], slots=4, reuse="ring") as p,
+        Reader(shm_name, mode="every", start="next", spin=5.0) as r,
+    ):
+        buf = np.zeros(IMG.shape, np.uint16)
+        fill(p, 1)
+        assert r.read_into(buf, timeout=1.0) == 1
+        k1 = p._latest_k
+        real = time.monotonic
+        landed: list[int] = []
+
+        class Clock:
+            monotonic_ns = staticmethod(time.monotonic_ns)
+            sleep = staticmethod(time.sleep)
+
+            @staticmethod
+            def monotonic() -> float:
+                if not landed and len(calls) > 2:  # inside the spin: its clock check
+                    landed.append(fill(p, 2))
+                calls.append(1)
+                return real()
+
+        calls: list[int] = []
+        monkeypatch.setattr(_reader, "time", Clock)
+        t0 = real()
+        assert r.read_into(buf, timeout=10.0) == 2
+        assert real() - t0 < 1.0
+        assert landed == [2]
+        assert p._latest_k != k1  # (ring reuse: frame 2 is not where the spin watched)
+        assert (buf == 2).all()
+
+
 def test_read_into_follows_a_restarted_producer(shm_name: str) -> None:
     buf = np.zeros(IMG.shape, np.uint16)
     p = Producer(shm_name, [IMG])
