@@ -26,6 +26,7 @@ from ._wire import (
     bulk_get_raw_async,
     close_context,
     coalescer,
+    native_state,
     put_value,
     raw_context,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "decode",
     "decode_ndarray",
     "decode_table",
+    "native_state",
     "put_value",
     "raw_context",
 ]

@@ -144,6 +144,8 @@ class NativeReader:
         self._search_seq = 0
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: EXECs written so far (how tests and benchmarks see which path served a read)
+        self.execs = 0
 
     # --- caller side ------------------------------------------------------------------
 
@@ -177,6 +179,7 @@ class NativeReader:
                     self._inflight += 1
                     ch.sent_at = now
                     ch.circuit.tx += ch.exec_msg
+                    self.execs += 1
                     touched.add(ch.circuit)
             for circuit in touched:
                 self._flush(circuit)
@@ -546,6 +549,7 @@ class NativeReader:
         if ch.queue and ch.circuit is not None and ch.state == "ready":
             ch.sent_at = time.monotonic()
             ch.circuit.tx += ch.exec_msg
+            self.execs += 1
             self._flush(ch.circuit)
         elif ch.busy:
             ch.busy = False

@@ -51,6 +51,7 @@ __all__ = [
     "close_context",
     "coalescer",
     "get_raw_async",
+    "native_state",
     "put_value",
     "raw_context",
 ]
@@ -320,9 +321,18 @@ class PvaGetIO:
             return self._native
 
     def native_state(self, name: str) -> str:
-        """How the native path sees a PV (``ready``, ``search``, ``unsupported``, ...); tests."""
+        """How the native path sees a PV (``ready``, ``search``, ``unsupported``, ...).
+
+        ``off`` when the native path is disabled or not yet started.
+        """
         native = self._native
         return "off" if native is None else native.state(name.removeprefix("pva://"))
+
+    @property
+    def native_execs(self) -> int:
+        """GETs served natively so far (EXECs written)."""
+        native = self._native
+        return 0 if native is None else native.execs
 
     def _native_handler(
         self, batch_id: int, flight: _Flight, decoded: bool
@@ -439,6 +449,15 @@ def coalescer() -> Coalescer[str, Any]:
             _io = PvaGetIO()
             _coalescer = Coalescer(_io, max_batch=2000, max_in_flight=2, name="beampipe-pva")
         return _coalescer
+
+
+def native_state(name: str) -> str:
+    """How the native read path sees ``name``: ready (reads are EXECs of a persistent GET),
+    search/connect/create/init (on its way; p4p reads it meanwhile), unsupported (a type
+    the codec does not parse, e.g. NTNDArray: p4p reads it), failed (not found: p4p reads
+    it), absent (never asked for), off (native path disabled or not started)."""
+    io = _io
+    return "off" if io is None else io.native_state(name)
 
 
 def _check_names(names: Iterable[str]) -> list[str]:
