@@ -624,6 +624,21 @@ class Producer:
             w[sw + L.S_LEAD + i] = f._rows.get(sname, rows)
         latest = seq * 256 + k
         even = 2 * seq
+        # the producer's own bookkeeping before the frame goes out, so that nothing but the
+        # wake-up follows the commit (a reader woken on this CPU runs when we stop)
+        self._slot_seq[k] = seq
+        self._latest_k = k
+        self._seq = seq
+        if self._last_ns:
+            dt = (now - self._last_ns) / 1e9
+            if dt > 0:
+                # ~1 s time constant whatever the rate; the first interval seeds it
+                alpha = 1.0 if self._rate == 0.0 else -math.expm1(-dt)
+                self._rate += alpha * (1.0 / dt - self._rate)
+        self._last_ns = now
+        w[L.H_PUBLISH_NS] = now
+        self._f64[L.H_RATE] = self._rate
+        waiting, nobody, notify_addr = self._waiting, self._nobody_waits, self._notify_addr
         if WEAK_ORDER:
             w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
             store_fence()  # payload and metadata before the even sequence
@@ -638,20 +653,8 @@ class Producer:
         fence()  # latest/notify before we read the waiting flags (Dekker with Reader._wait)
         # (flags are 0 or 1, so even a byte-wise copy of one reads it right; a dead reader's
         # stale flag costs one spurious wake)
-        if w[self._waiting].tobytes() != self._nobody_waits:
-            futex_wake(self._notify_addr)
-        self._slot_seq[k] = seq
-        self._latest_k = k
-        self._seq = seq
-        if self._last_ns:
-            dt = (now - self._last_ns) / 1e9
-            if dt > 0:
-                # ~1 s time constant whatever the rate; the first interval seeds it
-                alpha = 1.0 if self._rate == 0.0 else -math.expm1(-dt)
-                self._rate += alpha * (1.0 / dt - self._rate)
-        self._last_ns = now
-        w[L.H_PUBLISH_NS] = now
-        self._f64[L.H_RATE] = self._rate
+        if w[waiting].tobytes() != nobody:
+            futex_wake(notify_addr)
         return seq
 
     def _abort(self, f: WritableFrame) -> None:
