@@ -56,6 +56,38 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1e3
 
 
+def interleaved_ms(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median ms of each function, timed in alternating rounds (rotating order) so that load
+    changes on the shared machine hit every peer alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for i in range(repeats):
+        for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def wait_native(names: list[str], timeout: float = 10.0) -> None:
+    """Every name on the native read path (the first two reads of a PV go through p4p)."""
+    import beampipe_pva
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        beampipe_pva.bulk_get(names)  # a PV's second read starts its native channel
+        if all(beampipe_pva.native_state(n) == "ready" for n in names):
+            return
+        time.sleep(0.01)
+    states = {beampipe_pva.native_state(n) for n in names}
+    raise SystemExit(f"benchmark aborted: native path not ready for all PVs: {states}")
+
+
 class Table:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, float, float | None]] = []
@@ -145,22 +177,48 @@ def _bench_reads(
     table: Table, reps: int, scalars: list[str], waves: list[str], ctx: Any, rctx: Any
 ) -> None:
     import beampipe_pva
+    from beampipe import Coalescer, Ok
+
+    wait_native(scalars + waves)
+    # The same plugin with its native path off (every read a p4p get): the "before".
+    p4p_io = beampipe_pva.PvaGetIO(native=False)
+    p4p_only: Coalescer[str, Any] = Coalescer(p4p_io, max_batch=2000, name="bench-p4p")
+
+    def via_p4p(names: list[str]) -> None:
+        out = p4p_only.get_many("value", names, 5.0)
+        if not all(isinstance(o, Ok) for o in out.values()):
+            raise SystemExit("benchmark aborted: a p4p-path read failed")
+
+    def ours(names: list[str]) -> None:
+        values = beampipe_pva.bulk_get(names)
+        if any(v is None for v in values.values()):
+            raise SystemExit("benchmark aborted: a read returned nothing")
 
     one = scalars[0]
-    ours = median_ms(lambda: beampipe_pva.bulk_get([one]), reps * 3)
-    table.add("single get", "beampipe bulk_get([1])", ours)
-    table.add("single get", "p4p Context.get", median_ms(lambda: ctx.get(one), reps * 3), ours)
+    t = interleaved_ms({"ours": lambda: ours([one]), "p4p": lambda: ctx.get(one)}, reps * 3)
+    table.add("single get", "beampipe bulk_get([1])", t["ours"])
+    table.add("single get", "p4p Context.get", t["p4p"], t["ours"])
 
     for label, names in (
         (f"bulk get {N_SCALARS} scalars", scalars),
         (f"bulk get {N_WAVEFORMS} wf x {WAVEFORM_LEN} dbl", waves),
     ):
-        ours = median_ms(lambda names=names: beampipe_pva.bulk_get(names), reps)
-        table.add(label, "beampipe bulk_get", ours)
-        table.add(label, "p4p Context.get(list)", median_ms(lambda n=names: ctx.get(n), reps), ours)
-        table.add(
-            label, "p4p.client.raw", median_ms(lambda n=names: p4p_raw_get(rctx, n), reps), ours
+        t = interleaved_ms(
+            {
+                "ours": lambda n=names: ours(n),
+                "list": lambda n=names: ctx.get(n),
+                "raw": lambda n=names: p4p_raw_get(rctx, n),
+                "p4p-path": lambda n=names: via_p4p(n),
+                "ours-raw": lambda n=names: beampipe_pva.bulk_get_raw(n),
+            },
+            reps,
         )
+        table.add(label, "beampipe bulk_get", t["ours"])
+        table.add(label, "p4p Context.get(list)", t["list"], t["ours"])
+        table.add(label, "p4p.client.raw", t["raw"], t["ours"])
+        table.add(label, "beampipe, native path off", t["p4p-path"], t["ours"])
+        table.add(label, "beampipe bulk_get_raw (p4p Values)", t["ours-raw"], t["ours"])
+    p4p_io.close()
 
 
 def _bench_connect(table: Table, reps: int, fresh: Any, context_cls: Any, bp: Any) -> None:

@@ -33,11 +33,13 @@ QSRV_RECORDS = ("ao", "long", "str", "enum", "wf", "alarmed")
 
 
 def wait_native(names: list[str], states: tuple[str, ...] = ("ready",), timeout: float = 5.0):
+    """Read until the native path has taken these PVs (it does from a PV's second read)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        beampipe_pva.bulk_get_raw(names, timeout=1.0)
         if all(beampipe_pva.native_state(n) in states for n in names):
             return
-        time.sleep(0.01)
+        time.sleep(0.02)
     got = {n: beampipe_pva.native_state(n) for n in names}
     raise AssertionError(f"native path not {states} in {timeout} s: {got}")
 
@@ -49,7 +51,8 @@ def execs() -> int:
 
 def test_qsrv_reads_go_native_and_match_p4p(ioc) -> None:
     names = [ioc.pv(r) for r in QSRV_RECORDS]
-    first = beampipe_pva.bulk_get(names)  # through p4p; the native reader connects meanwhile
+    first = beampipe_pva.bulk_get(names)  # through p4p
+    assert {beampipe_pva.native_state(n) for n in names} == {"absent"}  # read once: no channel
     wait_native(names)
     before = execs()
     values = beampipe_pva.bulk_get(names)

@@ -174,7 +174,7 @@ def _close_all(ops: list[Any]) -> None:
 
 
 class _Flight:
-    __slots__ = ("complete", "deadline", "done", "lock", "ops", "results", "want")
+    __slots__ = ("complete", "deadline", "done", "lock", "native", "ops", "results", "want")
 
     def __init__(
         self, want: int, complete: Callable[[Mapping[Any, Outcome[Any]]], None], deadline: float
@@ -186,6 +186,8 @@ class _Flight:
         self.lock = threading.Lock()
         self.done = False
         self.deadline = deadline
+        #: names read through p4p that the native reader should connect once this batch is done
+        self.native: tuple[NativeReader, list[str]] | None = None
 
 
 _pinned: set[int] = set()
@@ -272,6 +274,7 @@ class PvaGetIO:
         # The native path reads the whole PV; a custom pvRequest goes through p4p.
         self._use_native = native and request is None
         self._native: NativeReader | None = None
+        self._seen: set[str] = set()
         self._closed = False
         self._house = _Housekeeper(self)
         self._flights: dict[int, _Flight] = {}
@@ -297,7 +300,12 @@ class PvaGetIO:
                 _VALUE_ONLY if decoded else None,
             )
             if keys:
-                native.want(keys)  # read through p4p this time, natively from the next read on
+                # Read through p4p this time.  A PV read before gets a native channel and
+                # persistent GET for next time; one read once (a connect) costs the server no
+                # second channel.  The connect starts once this batch is answered.
+                again = self._seen_before(keys)
+                if again:
+                    flight.native = (native, again)
         if keys:
             start = _get_starter(self._context(), self._request)
             for name in keys:
@@ -311,6 +319,16 @@ class PvaGetIO:
             pending = not flight.done
         if pending:
             self._house.watch()
+
+    def _seen_before(self, names: list[str]) -> list[str]:
+        """The names read through p4p before; remembers the rest (a bounded memory)."""
+        with self._lock:
+            seen = self._seen
+            again = [n for n in names if n in seen]
+            if len(seen) > 200_000:
+                seen.clear()
+            seen.update(names)
+        return again
 
     def _native_reader(self) -> NativeReader | None:
         if not self._use_native:
@@ -396,6 +414,7 @@ class PvaGetIO:
             flight.complete(flight.results)
             # Not closed here: pvxs refuses a synchronous cancel on its own worker thread.
             self._house.bury(ops)
+            _connect_natively(flight)
 
     def next_deadline(self) -> float | None:
         """When the earliest open batch must end, or None if none is open."""
@@ -424,6 +443,7 @@ class PvaGetIO:
                         )
             _close_all([op for _, op in ops])
             flight.complete(flight.results)
+            _connect_natively(flight)
 
     def close(self) -> None:
         with self._lock:
@@ -439,6 +459,13 @@ class PvaGetIO:
                 flight.done = True
             _close_all(ops)
         self._house.drain()
+
+
+def _connect_natively(flight: _Flight) -> None:
+    if flight.native is not None:
+        native, names = flight.native
+        flight.native = None
+        native.want(names)
 
 
 def coalescer() -> Coalescer[str, Any]:
