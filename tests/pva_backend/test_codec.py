@@ -226,6 +226,18 @@ def test_client_messages_are_well_formed() -> None:
     assert C.encode_size(300) == b"\xfe" + struct.pack("<i", 300)
 
 
+def test_validation_answers_with_ca_identity_when_offered() -> None:
+    (msg,) = C.Framer().feed(C.client_validation(["anonymous", "ca"], "op", "bl01"))
+    assert msg.command == C.CMD_VALIDATION
+    assert msg.body[8:11] == s("ca")
+    auth_type = b"\x80" + s("") + b"\x02" + s("user") + b"\x60" + s("host") + b"\x60"
+    assert msg.body[11:] == auth_type + s("op") + s("bl01")
+    (msg,) = C.Framer().feed(C.client_validation(["anonymous"], "op", "bl01"))
+    assert msg.body[8:] == s("anonymous") + b"\xff"
+    server_hello = struct.pack("<ih", 16384, 512) + C.encode_size(2) + s("anonymous") + s("ca")
+    assert C.parse_validation(server_hello, "<") == (16384, ["anonymous", "ca"])
+
+
 def test_search_round_trip() -> None:
     request = C.search_request(9, [(1, "A:x"), (2, "B:y")], 40000)
     (msg,) = C.Framer().feed(request)

@@ -567,10 +567,27 @@ def _bitset(buf: bytes, pos: int, order: str) -> tuple[bytes, int]:
 # --- messages a client sends -------------------------------------------------------------
 
 
-def client_validation(buffer_size: int = 1 << 16, registry_size: int = 0x7FFF) -> bytes:
-    """The client's answer to the server's validation request: anonymous, no auth data."""
+def client_validation(
+    methods: list[str] | None = None,
+    user: str = "",
+    host: str = "",
+    buffer_size: int = 1 << 16,
+    registry_size: int = 0x7FFF,
+) -> bytes:
+    """The client's answer to the server's validation request.
+
+    ``ca`` (user and host, what access security rules match on, as pvxs and
+    p4p send) when the server offers it and a user is given, else anonymous.
+    """
     payload = struct.pack("<ihh", buffer_size, registry_size, 0)
-    return message(CMD_VALIDATION, payload + encode_string("anonymous") + b"\xff")
+    if user and (methods is None or "ca" in methods):
+        auth_type = (b"\x80" + encode_string("") + b"\x02" + encode_string("user") + b"\x60") + (
+            encode_string("host") + b"\x60"
+        )
+        auth = encode_string("ca") + auth_type + encode_string(user) + encode_string(host)
+    else:
+        auth = encode_string("anonymous") + b"\xff"
+    return message(CMD_VALIDATION, payload + auth)
 
 
 def create_channel(cid: int, name: str) -> bytes:

@@ -488,8 +488,8 @@ class NativeReader:
                 if head is not None:
                     results.append((head[0], ch.name, desc, reply.value))
         elif cmd == C.CMD_VALIDATION:
-            C.parse_validation(body, order)
-            circuit.tx += C.client_validation()
+            _, methods = C.parse_validation(body, order)
+            circuit.tx += C.client_validation(methods, *_identity())
             self._flush(circuit)
         elif cmd == C.CMD_CONNECTION_VALIDATED:
             error = C.parse_connection_validated(body, order)
@@ -622,6 +622,17 @@ class NativeReader:
     def _new_id(self) -> int:
         self._next_id = (self._next_id + 1) & 0x7FFFFFFF or 1
         return self._next_id
+
+
+def _identity() -> tuple[str, str]:
+    """(user, host) for ``ca`` authentication, as p4p/pvxs would send them."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = ""
+    return user, socket.gethostname()
 
 
 def _run(done: list[tuple[ReadCallback, str, str]]) -> None:
