@@ -93,7 +93,9 @@ def check(u: np.ndarray[Any, Any]) -> int:
 
 
 # ----------------------------------------------------------------------------- numpy copy
-def bench_memcpy(hot: bool, reuse_dst: bool = False, contended: bool = False) -> dict[str, float]:
+def bench_memcpy(
+    hot: bool, reuse_dst: bool = False, contended: bool = False, shm_src: bool = False
+) -> dict[str, float]:
     """numpy copy of 8 MiB, the bandwidth limit a copy-out reader is measured against.
 
     Default: between buffers cycling through 64 MiB (main memory, > L3).  ``reuse_dst``:
@@ -101,11 +103,29 @@ def bench_memcpy(hot: bool, reuse_dst: bool = False, contended: bool = False) ->
     copying into its ``out=`` buffer does (so that ratio compares like with like).
     ``contended``: the same while another process does the producer's share (filling
     8 MiB buffers from an image, back to back), as in the copy-out runs.  ``hot``: one
-    buffer pair, cache-resident (reference only).
+    buffer pair, cache-resident (reference only).  ``shm_src``: the sources are 4 slots of
+    a ``/dev/shm`` mapping, as a reader's are: tmpfs memory, in 4 KiB pages where the kernel
+    gives shared memory no transparent huge pages (numpy's own big buffers get them), so
+    this copy does the same TLB work as the copy-out reader's.
     """
     rng = np.random.default_rng(0)
     k = 1 if hot else 4
     srcs = [rng.integers(0, 65535, SHAPE, dtype=np.uint16) for _ in range(k)]
+    if shm_src:
+        import mmap
+
+        path = f"/dev/shm/{uniq('bpmemcpy')}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, k * NBYTES)
+            mm = mmap.mmap(fd, k * NBYTES)
+        finally:
+            os.unlink(path)
+            os.close(fd)
+        shm = [np.frombuffer(mm, np.uint16, NBYTES // 2, i * NBYTES) for i in range(k)]
+        for a, b in zip(shm, srcs, strict=True):
+            np.copyto(a, b.reshape(-1))
+        srcs = [a.reshape(SHAPE) for a in shm]
     dsts = [np.empty(SHAPE, np.uint16) for _ in range(1 if reuse_dst else k)]
     nd = len(dsts)
     stop = CTX.Event()
@@ -904,6 +924,12 @@ def main() -> int:
             None,
             lambda: bench_memcpy(False, reuse_dst=True, contended=True),
         ),
+        (
+            "memcpy-shm",
+            "  the same out of a /dev/shm mapping (4 KiB pages)",
+            None,
+            lambda: bench_memcpy(False, reuse_dst=True, shm_src=True),
+        ),
         ("bp-1-zc", "beampipe 1 reader zero-copy", None, lambda: bench_beampipe(1, False)),
         ("iox-zc", "iceoryx2 1 reader zero-copy", "iceoryx2", lambda: bench_iceoryx2(False)),
         ("bp-1-copy", "beampipe 1 reader copy-out", None, lambda: bench_beampipe(1, True)),
@@ -1007,6 +1033,14 @@ def main() -> int:
         "memcpy-contended",
         "fps",
         ">= 0.8",
+    )
+    ratio("numpy copy: /dev/shm source / main memory", "memcpy-shm", "memcpy", "fps", "(limit)")
+    ratio(
+        "copy-out 1 reader / same pattern out of /dev/shm",
+        "bp-1-copy",
+        "memcpy-shm",
+        "fps",
+        "-",
     )
     ratio(
         "copy-out 1 reader (transport only) / numpy copy",
