@@ -32,8 +32,9 @@ import numpy as np  # noqa: E402
 
 import beampipe_ca  # noqa: E402  (points pyepics at epicscorelibs' libca)
 
-#: When the process's CA context was made (first use of libca below), for the reconnect row.
-CONTEXT_BORN = 0.0
+#: When this process created its first CA channel: libca starts its UDP side (search,
+#: disconnect-governor and repeater-registration timers) then, for the reconnect row.
+FIRST_CHANNEL = 0.0
 
 N_SCALARS = 300
 N_WF = 100
@@ -331,10 +332,11 @@ def reconnect(ioc: Ioc) -> None:
     if ctx.wait_connected([chan], 30):
         raise SystemExit("benchmark invalid: s0 did not reconnect within 30 s")
     took = time.monotonic() - t_up
-    age = time.monotonic() - CONTEXT_BORN
+    age = time.monotonic() - FIRST_CHANNEL
     print(
-        f"  IOC restart: reconnected {took:.2f} s after the IOC was back, at CA context age "
-        f"{age:.2f} s ({age % 10:.2f} s past a multiple of libca's 10 s disconnect-governor period)"
+        f"  IOC restart: reconnected {took:.2f} s after the IOC was back, {age:.2f} s after this "
+        f"process's first CA channel ({age % 10:.2f} s past a multiple of libca's 10 s "
+        "disconnect-governor period)"
     )
 
 
@@ -557,11 +559,11 @@ def main() -> int:
                 f"python {sys.version.split()[0]}, {os.cpu_count()} cpus"
             )
             loop = asyncio.new_event_loop()
-            global CONTEXT_BORN
-            CONTEXT_BORN = time.monotonic()
+            global FIRST_CHANNEL
             from beampipe_ca._libca import context
 
-            context()  # made here, so the reconnect row knows the context's age
+            FIRST_CHANNEL = time.monotonic()
+            context().channel(ioc.pv("s0"))  # the first channel: the reconnect row's clock
             try:
                 reads(ioc, loop)
                 connects(ioc, loop)
