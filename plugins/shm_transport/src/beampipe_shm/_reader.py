@@ -590,7 +590,16 @@ class Reader:
         if timeout == 0:
             f = self.read(0, out=self._into_map)
         else:
-            r = self._wait(timeout, self._into_map, fast=True)
+            spin = self.spin
+            if n < 0 and spin:  # bound and nothing new yet: spin right here, one call less
+                now = time.monotonic()
+                end = now + (spin if timeout is None else min(spin, timeout))
+                n = self._spin_into(end)
+                if n > 0:
+                    return n
+                if timeout is not None:
+                    timeout = max(0.0, now + timeout - time.monotonic())
+            r = self._wait(timeout, self._into_map, fast=True, spin=n == 0)
             if isinstance(r, int):
                 return r
             f = r
@@ -885,19 +894,22 @@ class Reader:
         timeout: float | None,
         out: Mapping[str, np.ndarray[Any, Any]] | None = None,
         fast: bool = False,
+        spin: bool = True,
     ) -> Frame | int | None:
-        """Spin, then sleep on the futex; ``fast``: try ``_into_fast`` first (read_into)."""
+        """Spin, then sleep on the futex; ``fast``: try ``_into_fast`` first (read_into);
+        ``spin=False``: the caller has spun already."""
         now = time.monotonic()
         deadline = None if timeout is None else now + max(0.0, timeout)
-        spin_end = now + self.spin if deadline is None else min(deadline, now + self.spin)
+        spin_s = self.spin if spin else 0.0
+        spin_end = now + spin_s if deadline is None else min(deadline, now + spin_s)
         words = self._att.seg.words
         latest = words[L.H_LATEST]
         monotonic = time.monotonic
-        if self.spin:  # a frame that came before we read `latest` would not change it again
+        if spin_s:  # a frame that came before we read `latest` would not change it again
             r = (fast and max(0, self._into_fast())) or self._poll(out)
             if r:
                 return r
-        while self.spin and fast and self._into_slots is not None:
+        while spin_s and fast and self._into_slots is not None:
             n = self._spin_into(spin_end)
             if n > 0:
                 return n
@@ -906,7 +918,7 @@ class Reader:
             f = self._poll(out)  # what the fast path does not do (an every reader behind)
             if f is not None:
                 return f
-        while self.spin and not fast:
+        while spin_s and not fast:
             # the clock only every 32 looks: a change is seen within one ~60 ns iteration
             for _ in range(32):
                 if words[16] != latest:  # L.H_LATEST
