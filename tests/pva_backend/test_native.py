@@ -25,6 +25,7 @@ from p4p.server.raw import SharedPV
 
 import beampipe_pva
 from beampipe_pva import _codec as C
+from beampipe_pva import _native
 from beampipe_pva._native import NativeReader
 
 from .conftest import IMAGE, PvaServer
@@ -217,6 +218,7 @@ class ScriptedServer:
         self.tcp.bind(("127.0.0.1", 0))
         self.tcp.listen()
         self.connections = 0
+        self.echoes = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="scripted-pva-server")
 
@@ -299,7 +301,9 @@ class ScriptedServer:
         self, conn: socket.socket, msg: C.Message, desc: bytes, on_exec: Callable[[], bytes | None]
     ) -> bool:
         body = msg.body
-        if msg.command == C.CMD_VALIDATION:
+        if msg.command == C.CMD_ECHO:
+            self.echoes += 1
+        elif msg.command == C.CMD_VALIDATION:
             conn.sendall(C.message(C.CMD_CONNECTION_VALIDATED, b"\xff", server=True))
         elif msg.command == C.CMD_CREATE_CHANNEL:
             (cid,) = struct.unpack_from("<i", body, 2)
@@ -389,3 +393,27 @@ def test_a_read_not_taken_natively_is_handed_back(reader_for) -> None:
         assert reader.start_reads([name, "OTHER:z"], lambda *a: None) == [name, "OTHER:z"]
         _wait_ready(reader, name)
         assert _read(reader, name) == (4.5, None)
+
+
+def test_quiet_circuits_echo_and_unused_ones_close(reader_for, monkeypatch) -> None:
+    """pvxs servers drop a client circuit silent for ~40 s: echoes keep it; one no read has
+    used for a while is closed, and the I/O thread ends."""
+    monkeypatch.setattr(_native, "_ECHO_EVERY", 0.1)
+    monkeypatch.setattr(_native, "_CIRCUIT_IDLE", 1.5)
+    name = "SCRIPTED:q"
+    answer = (_scalar_type(b"\x43"), lambda: b"\x01\x02" + struct.pack("<d", 1.0))
+    with ScriptedServer(name, [answer]) as server:
+        reader = reader_for(server)
+        _wait_ready(reader, name)
+        assert _read(reader, name) == (1.0, None)
+        time.sleep(0.8)
+        assert server.echoes >= 3
+        assert reader.state(name) == "ready"
+        deadline = time.monotonic() + 5
+        while reader.state(name) != "absent" or reader._thread is not None:
+            assert time.monotonic() < deadline, (reader.state(name), reader._thread)
+            time.sleep(0.02)
+        assert server.connections == 1
+        _wait_ready(reader, name)  # asked for again: a new circuit
+        assert server.connections == 2
+        assert _read(reader, name) == (1.0, None)

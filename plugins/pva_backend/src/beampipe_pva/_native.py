@@ -45,7 +45,11 @@ logger = logging.getLogger("beampipe.pva.native")
 ReadCallback = Callable[[str, "C.FieldDesc | None", "dict[str, Any] | None", "str | None"], None]
 
 _SEARCH_BACKOFF = (0.0, 0.03, 0.1, 0.25, 0.5, 1.0, 2.0)
-_IDLE_EXIT = 0.5  # the I/O thread exits after this long with nothing to do
+_IDLE_EXIT = 0.5  # the I/O thread exits after this long with nothing to do (and no circuit)
+#: pvxs servers close a client circuit that has been silent for ~40 s: echo well before that.
+_ECHO_EVERY = 15.0
+#: A circuit no read has used for this long is closed (its PVs go back to p4p until read again).
+_CIRCUIT_IDLE = 60.0
 _STUCK = 5.0  # an EXEC unanswered this long marks its channel as broken
 
 
@@ -103,7 +107,19 @@ class _Channel:
 
 
 class _Circuit:
-    __slots__ = ("addr", "by_cid", "by_ioid", "framer", "sock", "state", "tx", "types", "waiting")
+    __slots__ = (
+        "addr",
+        "by_cid",
+        "by_ioid",
+        "framer",
+        "last_tx",
+        "last_used",
+        "sock",
+        "state",
+        "tx",
+        "types",
+        "waiting",
+    )
 
     def __init__(self, addr: tuple[str, int], sock: socket.socket) -> None:
         self.addr = addr
@@ -115,6 +131,7 @@ class _Circuit:
         self.by_cid: dict[int, _Channel] = {}
         self.by_ioid: dict[int, _Channel] = {}
         self.waiting: list[_Channel] = []
+        self.last_tx = self.last_used = time.monotonic()
 
 
 class NativeReader:
@@ -182,6 +199,7 @@ class NativeReader:
                     self.execs += 1
                     touched.add(ch.circuit)
             for circuit in touched:
+                circuit.last_used = now
                 self._flush(circuit)
             if touched:
                 self._ensure_thread()
@@ -277,10 +295,9 @@ class NativeReader:
             self._thread = None
 
     def _busy(self) -> bool:
-        """With the lock held: anything the thread must still watch or do."""
-        if self._pending or self._inflight:
-            return True
-        return any(c.tx or c.state != "ready" for c in self._circuits.values())
+        """With the lock held: anything the thread must still watch or do (an open circuit
+        needs its echoes, and its EOF noticed)."""
+        return bool(self._pending or self._inflight or self._circuits)
 
     def _next_timer(self) -> float:
         with self._lock:
@@ -288,9 +305,10 @@ class NativeReader:
                 (ch.next_search for ch in self._pending if ch.state == "search"),
                 default=None,
             )
+        tick = min(_IDLE_EXIT, _ECHO_EVERY, _CIRCUIT_IDLE) / 2
         if nxt is None:
-            return _IDLE_EXIT / 2
-        return max(0.0, min(_IDLE_EXIT / 2, nxt - time.monotonic()))
+            return tick
+        return max(0.0, min(tick, nxt - time.monotonic()))
 
     def _service(self, timeout: float) -> None:
         """One pass: wait for sockets up to ``timeout``, handle what is ready, send searches."""
@@ -311,13 +329,37 @@ class NativeReader:
                         self._writable(circuit, done)
                 if mask & selectors.EVENT_READ:
                     self._readable(circuit, done, results)
-        self._send_searches(time.monotonic())
+        now = time.monotonic()
+        self._send_searches(now)
+        with self._lock:
+            self._keepalive(now, done)
         for cb, name, desc, value in results:
             try:
                 cb(name, desc, value, None)
             except Exception:
                 logger.exception("pva://%s: read callback failed", name)
         _run(done)
+
+    def _keepalive(self, now: float, done: list[tuple[ReadCallback, str, str]]) -> None:
+        """With the lock held: echo on quiet circuits, close the ones no read uses any more."""
+        for circuit in list(self._circuits.values()):
+            if circuit.state != "ready":
+                continue
+            idle = not any(ch.busy for ch in circuit.by_cid.values())
+            if idle and now - circuit.last_used > _CIRCUIT_IDLE:
+                channels = list(circuit.by_cid.values())
+                self._drop_circuit(circuit, "closed after idling", done)
+                for ch in channels:
+                    self._forget(ch)
+            elif now - circuit.last_tx > _ECHO_EVERY:
+                circuit.tx += C.message(C.CMD_ECHO, b"")
+                self._flush(circuit)
+
+    def _forget(self, ch: _Channel) -> None:
+        """With the lock held: drop the channel as if never asked for (no reads pending)."""
+        self._detach(ch, "absent")
+        self._channels.pop(ch.name, None)
+        self._by_cid.pop(ch.cid, None)
 
     # --- search -----------------------------------------------------------------------
 
@@ -415,6 +457,7 @@ class NativeReader:
         except OSError:
             return  # the read side sees the error and drops the circuit
         del circuit.tx[:sent]
+        circuit.last_tx = time.monotonic()
         if circuit.tx:
             self._sel.modify(circuit.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, circuit)
             self._wake()
