@@ -592,3 +592,45 @@ def test_bad_frame_metadata_aborts_the_frame_with_a_clear_error(shm_name: str) -
             r.read(timeout=-1)
         with pytest.raises(ValueError, match="max_messages"):
             p.poll_control(0)
+
+
+def test_small_arrays_sit_next_to_the_sequence_word_big_ones_on_pages(shm_name: str) -> None:
+    """Layout v2: arrays that fit go inline in the 192 bytes after the slot's first cache
+    line (a reader of a small frame touches two adjacent lines), in schema order while they
+    fit; the rest after the attributes, page-aligned when 4 KiB or more."""
+    from beampipe_shm import _layout as L
+
+    streams = [
+        StreamSpec("pos", "<f8", (8,)),  # 64 B: inline at 64
+        StreamSpec("img", "uint16", (64, 64)),  # 8 KiB: a page of its own
+        StreamSpec("flags", "u1", (3,)),  # 3 B: inline after pos
+        StreamSpec("wave", "<f4", (64,)),  # 256 B: does not fit what is left inline
+    ]
+    with Producer(shm_name, streams) as p, Reader(shm_name, mode="every", copy=True) as r:
+        offs = dict(zip([s.name for s in streams], p.geometry.stream_offsets, strict=True))
+        assert offs["pos"] == L.S_INLINE * 8 == 64
+        assert offs["flags"] == 128
+        assert offs["img"] % 4096 == 0 and offs["wave"] >= L.SLOT_FIXED + p.geometry.attrs_bytes
+        assert L.S_LEAD * 8 == 64 + L.INLINE_BYTES
+        data = {
+            "pos": np.arange(8.0),
+            "img": np.full((64, 64), 7, np.uint16),
+            "flags": np.array([1, 2, 3], np.uint8),
+            "wave": np.linspace(0, 1, 64, dtype=np.float32),
+        }
+        p.publish(data, frame_id=5, attrs={"a": 1})
+        f = r.read(timeout=1.0)
+        assert f is not None and f.frame_id == 5 and f.attrs == {"a": 1}
+        for n, a in data.items():
+            assert (f[n] == a).all()
+
+
+def test_a_segment_of_another_layout_version_is_refused_by_name(shm_name: str) -> None:
+    from beampipe_shm import _layout as L
+
+    with one(shm_name) as p:
+        p._words[L.H_VERSION] = 1  # what an older producer would have written
+        with pytest.raises(StreamNotFound, match="segment layout v1, this beampipe-shm reads v2"):
+            Reader(shm_name)
+        p._words[L.H_VERSION] = L.VERSION
+        Reader(shm_name).close()
