@@ -15,8 +15,9 @@ from beampipe_ca import CaTimeoutError, ca_signal_r
 
 from .conftest import TEST_DB
 
-#: libca notices a dead server by its beacon/echo timeout and reconnects on the next
-#: beacon or search: ~9 s here (no caRepeater), so allow well over that.
+#: libca parks a lost circuit's channels on its disconnect governor, which releases them to
+#: the search timer every 10 s (counted from the process's first channel): a restarted IOC is
+#: reconnected 0 to 10 s after it is back, so allow well over that.
 RECONNECT = 30.0
 
 
