@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/pva_persistent_get_probe.py
 
-Not part of the plugin.  beampipe-pva reads through p4p, which makes every
+Not part of the plugin: the measurement that led to its native read path
+(``beampipe_pva._codec`` / ``_native``), kept as the plain-Python baseline
+(a field-by-field parse, no batching layer).  p4p makes every
 read a new operation (INIT with a type exchange, EXEC, then a blocking
 close).  pvAccess itself lets a client INIT a get once and EXEC it again and
 again; pvxs has that as ``reExecGet`` (and ``syncCancel(false)`` for cheap

@@ -222,7 +222,10 @@ def test_client_messages_are_well_formed() -> None:
     (msg,) = framer.feed(C.get_exec(3, 4))
     assert msg.body == struct.pack("<iiB", 3, 4, 0)
     (msg,) = framer.feed(C.get_init(3, 4))
-    assert msg.body[8] == C.SUB_INIT
+    assert msg.body[8:] == bytes([C.SUB_INIT]) + b"\x80\x00\x00"  # field(): the whole PV
+    (msg,) = framer.feed(C.get_init(3, 4, ("value",)))
+    # field(value): structure {field: structure {value: structure {}}}, and no value bytes
+    assert msg.body[9:] == struct_type("", [("field", struct_type("", [("value", b"\x80\0\0")]))])
     assert C.encode_size(300) == b"\xfe" + struct.pack("<i", 300)
 
 

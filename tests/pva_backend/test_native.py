@@ -71,6 +71,49 @@ def test_qsrv_reads_go_native_and_match_p4p(ioc) -> None:
         np.testing.assert_equal(ours.todict(), theirs[name].todict())
 
 
+def native_ops(name: str) -> dict[str, Any]:
+    """The native channel's GET operations, by kind (whole PV / value only)."""
+    reader = beampipe_pva._wire._io._native  # type: ignore[union-attr]
+    return dict(reader._channels[name].ops)
+
+
+def test_bulk_get_asks_the_server_for_value_only(ioc) -> None:
+    name = ioc.pv("ao")
+    wait_native([name])
+    assert native_ops(name)["value"].state == "ready"
+    reader = beampipe_pva._wire._io._native  # type: ignore[union-attr]
+    for op, sent in (("value", {"value"}), ("whole", {"value", "alarm", "display", "control"})):
+        got: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def cb(_n: str, _d: Any, fields: Any, error: Any, got: Any = got, done: Any = done):
+            got.append(fields)
+            done.set()
+
+        assert reader.start_reads([name], cb, None, op) == []
+        assert done.wait(5)
+        assert sent <= set(got[0]) and (op == "whole" or set(got[0]) == sent), (op, got)
+    assert beampipe_pva.bulk_get([name]) == {name: 1.5}
+
+
+def test_pv_without_value_field_is_read_through_its_whole_get() -> None:
+    from p4p import Type, Value
+
+    name = f"BPPLAIN{time.monotonic_ns() % 10**9}:s"
+    plain = Value(Type([("x", "d"), ("label", "s")]), {"x": 4.0, "label": "four"})
+    server = Server(providers=[{name: SharedPV(initial=plain)}])
+    try:
+        wait_native([name])
+        assert native_ops(name)["value"].state == "failed"  # the server refused field(value)
+        before = execs()
+        assert beampipe_pva.bulk_get([name]) == {name: None}  # no value to decode (logged)
+        raw = beampipe_pva.bulk_get_raw([name])[name]
+        assert execs() == before + 2
+        assert raw.value.todict() == {"x": 4.0, "label": "four"}  # type: ignore[union-attr]
+    finally:
+        server.stop()
+
+
 def test_p4p_server_types_native_and_ndarray_through_p4p(pva_server: PvaServer) -> None:
     p = pva_server.pv
     names = [p("table"), p("enum"), p("scalar"), p("image")]

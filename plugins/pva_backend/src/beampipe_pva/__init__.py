@@ -1,8 +1,10 @@
 """Batched pvAccess for ophyd and ophyd-async over p4p; every NT type, NTNDArray as numpy.
 
 ``bulk_get``/``bulk_get_async`` read many PVs with one burst of GETs through
-beampipe's Coalescer; :class:`PvaSignalBackend` is the ophyd-async backend
-(entry point ``beampipe-pva``) whose reads share those batches.
+beampipe's Coalescer (repeated reads re-execute a persistent GET per PV on a
+native pvAccess read path, see ``native_state``); :class:`PvaSignalBackend`
+is the ophyd-async backend (entry point ``beampipe-pva``) whose reads share
+those batches.
 """
 
 from __future__ import annotations

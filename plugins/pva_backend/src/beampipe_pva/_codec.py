@@ -61,6 +61,7 @@ __all__ = [
     "parse_get_reply",
     "parse_search_response",
     "parse_validation",
+    "pv_request",
     "read_type",
     "search_request",
 ]
@@ -602,9 +603,23 @@ def destroy_channel(sid: int, cid: int) -> bytes:
 _WHOLE_PV = b"\x80\x00\x00"
 
 
-def get_init(sid: int, ioid: int) -> bytes:
-    """INIT a GET of the whole PV; the reply carries the type that every EXEC will use."""
-    return message(CMD_GET, struct.pack("<iiB", sid, ioid, SUB_INIT) + _WHOLE_PV)
+def pv_request(fields: tuple[str, ...] = ()) -> bytes:
+    """A pvRequest selecting top-level ``fields`` (``field(value)``), or the whole PV if none.
+
+    Serialized as its type (structure ``field`` with one empty structure per
+    name) and its value, which holds nothing: empty structures have no bytes.
+    """
+    if not fields:
+        return _WHOLE_PV
+    inner = b"".join(encode_string(f) + b"\x80\x00\x00" for f in fields)
+    selection = b"\x80\x00" + encode_size(len(fields)) + inner
+    return b"\x80\x00\x01" + encode_string("field") + selection
+
+
+def get_init(sid: int, ioid: int, fields: tuple[str, ...] = ()) -> bytes:
+    """INIT a GET of the whole PV (or of ``fields``); the reply carries the type every EXEC
+    will use."""
+    return message(CMD_GET, struct.pack("<iiB", sid, ioid, SUB_INIT) + pv_request(fields))
 
 
 def get_exec(sid: int, ioid: int) -> bytes:

@@ -69,22 +69,35 @@ def search_addresses(environ: dict[str, str] | None = None) -> list[tuple[str, i
     return list(dict.fromkeys(out))
 
 
+#: The GET operations each channel keeps: the whole PV (p4p Values for ophyd and ophyd-async)
+#: and only its ``value`` (what ``bulk_get`` returns: the server fills and sends less).
+OP_WHOLE = "whole"
+OP_VALUE = "value"
+_OP_FIELDS = {OP_WHOLE: (), OP_VALUE: ("value",)}
+
+
+class _Op:
+    """One persistent GET of a channel, INITed once and EXECed per read."""
+
+    __slots__ = ("busy", "channel", "desc", "exec_msg", "ioid", "kind", "queue", "sent_at", "state")
+
+    def __init__(self, channel: _Channel, kind: str, ioid: int) -> None:
+        self.channel = channel
+        self.kind = kind
+        self.ioid = ioid
+        self.state = "init"  # -> ready, or failed (the server refused it / a type we cannot parse)
+        self.desc: C.FieldDesc | None = None
+        self.exec_msg = b""
+        #: reads waiting for this operation's EXEC replies: (callback, fields to decode)
+        self.queue: collections.deque[tuple[ReadCallback, frozenset[str] | None]] = (
+            collections.deque()
+        )
+        self.busy = False
+        self.sent_at = 0.0
+
+
 class _Channel:
-    __slots__ = (
-        "attempts",
-        "busy",
-        "cid",
-        "circuit",
-        "desc",
-        "exec_msg",
-        "ioid",
-        "name",
-        "next_search",
-        "queue",
-        "sent_at",
-        "sid",
-        "state",
-    )
+    __slots__ = ("attempts", "cid", "circuit", "name", "next_search", "ops", "sid", "state")
 
     # states: search -> connect (circuit) -> create -> init -> ready; failed; unsupported
     def __init__(self, name: str, cid: int) -> None:
@@ -95,15 +108,7 @@ class _Channel:
         self.next_search = 0.0
         self.circuit: _Circuit | None = None
         self.sid = -1
-        self.ioid = -1
-        self.desc: C.FieldDesc | None = None
-        #: reads waiting for this channel's EXEC replies: (callback, fields to decode)
-        self.queue: collections.deque[tuple[ReadCallback, frozenset[str] | None]] = (
-            collections.deque()
-        )
-        self.exec_msg = b""
-        self.busy = False
-        self.sent_at = 0.0
+        self.ops: dict[str, _Op] = {}
 
 
 class _Circuit:
@@ -129,7 +134,7 @@ class _Circuit:
         self.tx = bytearray()
         self.types: dict[int, C.FieldDesc] = {}
         self.by_cid: dict[int, _Channel] = {}
-        self.by_ioid: dict[int, _Channel] = {}
+        self.by_ioid: dict[int, _Op] = {}
         self.waiting: list[_Channel] = []
         self.last_tx = self.last_used = time.monotonic()
 
@@ -167,12 +172,18 @@ class NativeReader:
     # --- caller side ------------------------------------------------------------------
 
     def start_reads(
-        self, names: Iterable[str], on_result: ReadCallback, keep: frozenset[str] | None = None
+        self,
+        names: Iterable[str],
+        on_result: ReadCallback,
+        keep: frozenset[str] | None = None,
+        op: str = OP_WHOLE,
     ) -> list[str]:
         """EXEC the persistent GET of each ready name; returns the names it did not take.
 
-        ``keep``: the top-level fields the caller needs decoded (None: all).
+        ``op``: which of the channel's GETs (:data:`OP_WHOLE`, :data:`OP_VALUE`; the whole one
+        if the server refused the other); ``keep``: the top-level fields to decode (None: all).
         """
+        kind = op
         if self._thread is None:
             self._poll_inline()
         rest: list[str] = []
@@ -186,16 +197,19 @@ class NativeReader:
                 if ch is None or ch.state != "ready" or ch.circuit is None:
                     rest.append(name)
                     continue
-                if ch.busy and now - ch.sent_at > _STUCK:
+                get = ch.ops.get(kind)
+                if get is None or get.state != "ready":
+                    get = ch.ops[OP_WHOLE]
+                if get.busy and now - get.sent_at > _STUCK:
                     self._reset_channel(ch, f"{name}: GET unanswered for {_STUCK:.0f} s", [])
                     rest.append(name)
                     continue
-                ch.queue.append((on_result, keep))
-                if not ch.busy:
-                    ch.busy = True
+                get.queue.append((on_result, keep))
+                if not get.busy:
+                    get.busy = True
                     self._inflight += 1
-                    ch.sent_at = now
-                    ch.circuit.tx += ch.exec_msg
+                    get.sent_at = now
+                    ch.circuit.tx += get.exec_msg
                     self.execs += 1
                     touched.add(ch.circuit)
             for circuit in touched:
@@ -345,7 +359,7 @@ class NativeReader:
         for circuit in list(self._circuits.values()):
             if circuit.state != "ready":
                 continue
-            idle = not any(ch.busy for ch in circuit.by_cid.values())
+            idle = not any(op.busy for op in circuit.by_ioid.values())
             if idle and now - circuit.last_used > _CIRCUIT_IDLE:
                 channels = list(circuit.by_cid.values())
                 self._drop_circuit(circuit, "closed after idling", done)
@@ -509,25 +523,25 @@ class NativeReader:
         cmd, body, order = msg.command, msg.body, msg.order
         if cmd == C.CMD_GET:
             (ioid,) = C.struct.unpack_from(order + "i", body, 0)
-            ch = circuit.by_ioid.get(ioid)
-            if ch is None:
+            get = circuit.by_ioid.get(ioid)
+            if get is None:
                 return
-            keep = ch.queue[0][1] if ch.queue else None
-            desc = ch.desc
+            ch = get.channel
+            keep = get.queue[0][1] if get.queue else None
+            desc = get.desc
             try:
                 reply = C.parse_get_reply(body, order, circuit.types, lambda _: desc, keep)
             except C.ProtocolError as exc:  # one bad reply: this channel starts over
                 self._reset_channel(ch, f"{ch.name}: bad GET reply: {exc}", done)
                 return
             if reply.init:
-                self._on_init(ch, reply, done)
+                self._on_init(get, reply)
             elif reply.error is not None:
-                self._answer(ch, done, reply.error)
+                self._answer(get, done, reply.error)
             else:
-                assert reply.value is not None and ch.desc is not None
-                head = ch.queue.popleft() if ch.queue else None
-                desc = ch.desc
-                self._next_exec(ch)
+                assert reply.value is not None and desc is not None
+                head = get.queue.popleft() if get.queue else None
+                self._next_exec(get)
                 if head is not None:
                     results.append((head[0], ch.name, desc, reply.value))
         elif cmd == C.CMD_VALIDATION:
@@ -546,77 +560,87 @@ class NativeReader:
                     self._create(ch)
         elif cmd == C.CMD_CREATE_CHANNEL:
             cid, sid, error = C.parse_create_channel_reply(body, order)
-            ch = circuit.by_cid.get(cid)
-            if ch is None or ch.state != "create":
+            chan = circuit.by_cid.get(cid)
+            if chan is None or chan.state != "create":
                 return
             if error is not None:
-                logger.debug("pva://%s: create channel refused: %s", ch.name, error)
-                self._detach(ch, "failed")
+                logger.debug("pva://%s: create channel refused: %s", chan.name, error)
+                self._detach(chan, "failed")
                 return
-            ch.sid, ch.ioid = sid, self._new_id()
-            self._set_state(ch, "init")
-            circuit.by_ioid[ch.ioid] = ch
-            circuit.tx += C.get_init(sid, ch.ioid)
+            chan.sid = sid
+            self._set_state(chan, "init")
+            for op_kind, fields in _OP_FIELDS.items():
+                new = _Op(chan, op_kind, self._new_id())
+                chan.ops[op_kind] = new
+                circuit.by_ioid[new.ioid] = new
+                circuit.tx += C.get_init(sid, new.ioid, fields)
             self._flush(circuit)
         elif cmd == C.CMD_DESTROY_CHANNEL:
             _sid, cid = C.struct.unpack_from(order + "ii", body, 0)
-            ch = circuit.by_cid.get(cid)
-            if ch is not None:
-                self._reset_channel(ch, f"{ch.name}: the server destroyed the channel", done)
+            gone = circuit.by_cid.get(cid)
+            if gone is not None:
+                self._reset_channel(gone, f"{gone.name}: the server destroyed the channel", done)
         elif cmd == C.CMD_MESSAGE:
-            ioid, kind, text = C.parse_message(body, order)
-            ch = circuit.by_ioid.get(ioid)
-            logger.debug("server message for pva://%s: [%d] %s", ch and ch.name, kind, text)
+            ioid, severity, text = C.parse_message(body, order)
+            about = circuit.by_ioid.get(ioid)
+            name = about.channel.name if about is not None else "?"
+            logger.debug("server message for pva://%s: [%d] %s", name, severity, text)
 
-    def _on_init(
-        self, ch: _Channel, reply: C.GetReply, done: list[tuple[ReadCallback, str, str]]
-    ) -> None:
-        if reply.error is not None or reply.desc is None:
-            logger.debug("pva://%s: GET INIT refused: %s", ch.name, reply.error)
-            self._detach(ch, "unsupported")
-            return
-        if not reply.desc.supported():
-            self._detach(ch, "unsupported")  # NTNDArray and friends: p4p reads them
-            return
-        ch.desc = reply.desc
-        ch.exec_msg = C.get_exec(ch.sid, ch.ioid)
-        self._set_state(ch, "ready")
+    def _on_init(self, get: _Op, reply: C.GetReply) -> None:
+        ch = get.channel
+        if reply.error is not None or reply.desc is None or not reply.desc.supported():
+            # Refused, or a type the codec does not parse (NTNDArray...): p4p reads it.
+            logger.debug("pva://%s: %s GET not native: %s", ch.name, get.kind, reply.error)
+            if get.kind == OP_WHOLE:
+                self._detach(ch, "unsupported")
+                return
+            get.state = "failed"  # value-only refused (no 'value' field): the whole GET serves
+        else:
+            get.desc = reply.desc
+            get.exec_msg = C.get_exec(ch.sid, get.ioid)
+            get.state = "ready"
+        if ch.state == "init" and all(g.state != "init" for g in ch.ops.values()):
+            self._set_state(ch, "ready")
 
-    def _answer(self, ch: _Channel, done: list[tuple[ReadCallback, str, str]], error: str) -> None:
-        head = ch.queue.popleft() if ch.queue else None
-        self._next_exec(ch)
+    def _answer(self, get: _Op, done: list[tuple[ReadCallback, str, str]], error: str) -> None:
+        head = get.queue.popleft() if get.queue else None
+        self._next_exec(get)
         if head is not None:
-            done.append((head[0], ch.name, f"{ch.name}: server error: {error}"))
+            name = get.channel.name
+            done.append((head[0], name, f"{name}: server error: {error}"))
 
-    def _next_exec(self, ch: _Channel) -> None:
-        if ch.queue and ch.circuit is not None and ch.state == "ready":
-            ch.sent_at = time.monotonic()
-            ch.circuit.tx += ch.exec_msg
+    def _next_exec(self, get: _Op) -> None:
+        ch = get.channel
+        if get.queue and ch.circuit is not None and ch.state == "ready":
+            get.sent_at = time.monotonic()
+            ch.circuit.tx += get.exec_msg
             self.execs += 1
             self._flush(ch.circuit)
-        elif ch.busy:
-            ch.busy = False
+        elif get.busy:
+            get.busy = False
             self._inflight -= 1
 
     def _fail_reads(
         self, ch: _Channel, reason: str, done: list[tuple[ReadCallback, str, str]]
     ) -> None:
-        while ch.queue:
-            done.append((ch.queue.popleft()[0], ch.name, reason))
-        if ch.busy:
-            ch.busy = False
-            self._inflight -= 1
+        for get in ch.ops.values():
+            while get.queue:
+                done.append((get.queue.popleft()[0], ch.name, reason))
+            if get.busy:
+                get.busy = False
+                self._inflight -= 1
 
     def _detach(self, ch: _Channel, state: str) -> None:
         """With the lock held: take the channel off its circuit (telling the server)."""
         circuit = ch.circuit
         if circuit is not None:
             circuit.by_cid.pop(ch.cid, None)
-            circuit.by_ioid.pop(ch.ioid, None)
+            for get in ch.ops.values():
+                circuit.by_ioid.pop(get.ioid, None)
             if ch.sid >= 0 and circuit.state == "ready":
                 circuit.tx += C.destroy_channel(ch.sid, ch.cid)
                 self._flush(circuit)
-        ch.circuit, ch.sid, ch.ioid, ch.desc = None, -1, -1, None
+        ch.circuit, ch.sid, ch.ops = None, -1, {}
         self._set_state(ch, state)
 
     def _reset_channel(
@@ -642,7 +666,7 @@ class NativeReader:
             if ch.circuit is circuit:
                 ch.circuit = None
                 self._fail_reads(ch, f"{ch.name}: {reason} ({host}:{port})", done)
-                ch.sid, ch.ioid, ch.desc = -1, -1, None
+                ch.sid, ch.ops = -1, {}
                 if ch.state != "unsupported":
                     self._set_state(ch, "search")
                     ch.attempts, ch.next_search = 0, time.monotonic() + 0.05

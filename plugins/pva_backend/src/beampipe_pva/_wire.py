@@ -1,20 +1,21 @@
-"""pvAccess on the wire: one p4p raw context, batched gets through beampipe's Coalescer.
+"""pvAccess reads through beampipe's Coalescer: the native path where it can, else p4p.
 
-Where a p4p get's time goes (profiled on this repo's QSRV, 100 ao records,
-see docs/pva_backend.md): issuing 100 raw gets costs ~1 ms of Python, the
-server ~2-3 ms, but ``Context.get`` then closes every finished operation
-synchronously, and each close is a blocking round trip into pvxs's event-loop
-thread (~80 us apiece, ~60% of the call).  The raw API is "no faster" for
-the same reason: dropping the last reference to an operation closes it.
+A batch (the Coalescer's, so concurrent callers share it) is split: PVs the
+native reader (:mod:`._native`) has connected are EXECs of their persistent
+GET, written together; the rest are p4p gets, and a PV read through p4p a
+second time is connected natively once its batch is answered.  Each read is
+a real GET issued after the caller asked: nothing is served from a monitor
+cache.
 
-So a batch here issues every get at once on the caller's thread, completes
-when the last callback lands, and hands the finished operation handles to a
-short-lived housekeeping thread that closes them off the caller's critical
-path.  Two smaller costs go too: p4p's per-get Python wrappers (see
-``_get_starter``) and a Python thread state created and destroyed per
-callback on pvxs's thread (see ``_pin_thread_state``).
-Each read is still a real GET issued after the caller asked: nothing is
-served from a monitor cache.
+On the p4p side (profiled on this repo's QSRV, see docs/pva_backend.md):
+``Context.get`` closes every finished operation synchronously, a blocking
+round trip into pvxs's event-loop thread (~80 us apiece); here a batch issues
+every get at once on the caller's thread, completes when the last callback
+lands, and hands the finished operations to a short-lived housekeeping
+thread that closes them off the caller's critical path.  Two smaller costs
+go too: p4p's per-get Python wrappers (see ``_get_starter``) and a Python
+thread state created and destroyed per callback on pvxs's thread (see
+``_pin_thread_state``).
 """
 
 from __future__ import annotations
