@@ -163,10 +163,12 @@ def fill_loop(started: Any, stop: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- beampipe
-def bp_reader(name: str, copy: bool, ready: Any, out: Any, mode: str = "every") -> None:
+def bp_reader(
+    name: str, copy: bool, ready: Any, out: Any, mode: str = "every", spin: float = 20e-6
+) -> None:
     from beampipe_shm import Reader
 
-    r = Reader(name, mode=mode, wait=10.0)  # type: ignore[arg-type]
+    r = Reader(name, mode=mode, wait=10.0, spin=spin)  # type: ignore[arg-type]
     buf = np.empty(SHAPE, np.uint16)
     ready.set()
     times: list[float] = []
@@ -210,7 +212,11 @@ def bench_beampipe(
     p = Producer(name, [StreamSpec("img", "uint16", SHAPE)], slots=4)
     q = CTX.Queue()
     evs = [CTX.Event() for _ in range(readers)]
-    procs = [CTX.Process(target=bp_reader, args=(name, copy, e, q, mode)) for e in evs]
+    # One reader busy-polls (spins up to 3 s before it would sleep), as the iceoryx2 subscriber
+    # it is compared with does (a receive() loop): a sleeping reader costs the producer a
+    # FUTEX_WAKE per frame.  Two readers sleep: three busy processes would starve two cores.
+    spin = 3.0 if readers == 1 else 20e-6
+    procs = [CTX.Process(target=bp_reader, args=(name, copy, e, q, mode, spin)) for e in evs]
     for pr in procs:
         pr.start()
     for e in evs:
