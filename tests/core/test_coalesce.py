@@ -122,6 +122,7 @@ async def test_async_timeout_and_cancellation(server: FakeServer) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert not c._waiters, "a cancelled or expired await must not leave its waiter behind"
     server.hang = False
     assert await c.get_async("read", "C", timeout=1) == Ok("C!")
 
@@ -143,6 +144,14 @@ def test_bad_timeout_is_refused(server: FakeServer, timeout: Any) -> None:
     c: Coalescer[str, str] = Coalescer(server)
     with pytest.raises(ValueError, match="timeout"):
         c.get("read", "A", timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "1", 0.0])
+async def test_bad_timeout_is_refused_async(server: FakeServer, timeout: Any) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    with pytest.raises(ValueError, match="timeout"):
+        await c.get_async("read", "A", timeout=timeout)
+    assert server.batches == []
 
 
 def test_no_keys_returns_at_once(server: FakeServer) -> None:
