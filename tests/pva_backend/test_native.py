@@ -86,8 +86,8 @@ def test_bulk_get_asks_the_server_for_value_only(ioc) -> None:
         got: list[dict[str, Any]] = []
         done = threading.Event()
 
-        def cb(_n: str, _d: Any, fields: Any, error: Any, got: Any = got, done: Any = done):
-            got.append(fields)
+        def cb(answers: list[Any], got: Any = got, done: Any = done) -> None:
+            got.extend(fields for _n, _d, fields, _e in answers)
             done.set()
 
         assert reader.start_reads([name], cb, None, op) == []
@@ -393,8 +393,8 @@ def _read(reader: NativeReader, name: str, timeout: float = 5.0) -> tuple[Any, s
     done = threading.Event()
     out: list[tuple[Any, str | None]] = []
 
-    def cb(_n: str, _d: Any, fields: dict[str, Any] | None, error: str | None) -> None:
-        out.append((fields and fields["value"], error))
+    def cb(answers: list[Any]) -> None:
+        out.extend((fields and fields["value"], error) for _n, _d, fields, error in answers)
         done.set()
 
     assert reader.start_reads([name], cb) == []

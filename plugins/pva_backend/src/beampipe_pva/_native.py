@@ -37,12 +37,15 @@ from typing import Any
 
 from . import _codec as C
 
-__all__ = ["NativeReader", "ReadCallback", "search_addresses"]
+__all__ = ["OP_VALUE", "OP_WHOLE", "Answer", "NativeReader", "ReadCallback", "search_addresses"]
 
 logger = logging.getLogger("beampipe.pva.native")
 
-#: (name, type, fields or None, error or None): one answered read.
-ReadCallback = Callable[[str, "C.FieldDesc | None", "dict[str, Any] | None", "str | None"], None]
+#: One answered read: (name, type, fields, None), or (name, None, None, error).
+Answer = tuple[str, "C.FieldDesc | None", "dict[str, Any] | None", "str | None"]
+#: Called with the answers to one caller's reads, several at a time (all that one pass of the
+#: I/O thread parsed), so the caller takes its own locks once per pass, not once per read.
+ReadCallback = Callable[[list[Answer]], None]
 
 _SEARCH_BACKOFF = (0.0, 0.03, 0.1, 0.25, 0.5, 1.0, 2.0)
 _IDLE_EXIT = 0.5  # the I/O thread exits after this long with nothing to do (and no circuit)
@@ -347,11 +350,14 @@ class NativeReader:
         self._send_searches(now)
         with self._lock:
             self._keepalive(now, done)
+        groups: dict[int, tuple[ReadCallback, list[Answer]]] = {}
         for cb, name, desc, value in results:
+            groups.setdefault(id(cb), (cb, []))[1].append((name, desc, value, None))
+        for cb, answers in groups.values():
             try:
-                cb(name, desc, value, None)
+                cb(answers)
             except Exception:
-                logger.exception("pva://%s: read callback failed", name)
+                logger.exception("read callback for %d PVs failed", len(answers))
         _run(done)
 
     def _keepalive(self, now: float, done: list[tuple[ReadCallback, str, str]]) -> None:
@@ -703,8 +709,12 @@ def _identity() -> tuple[str, str]:
 
 
 def _run(done: list[tuple[ReadCallback, str, str]]) -> None:
+    """Deliver failed reads, grouped by callback like the answered ones."""
+    groups: dict[int, tuple[ReadCallback, list[Answer]]] = {}
     for cb, name, reason in done:
+        groups.setdefault(id(cb), (cb, []))[1].append((name, None, None, reason))
+    for cb, answers in groups.values():
         try:
-            cb(name, None, None, reason)
+            cb(answers)
         except Exception:
-            logger.exception("pva://%s: read callback failed", name)
+            logger.exception("read callback for %d PVs failed", len(answers))

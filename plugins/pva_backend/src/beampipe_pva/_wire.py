@@ -31,9 +31,8 @@ from typing import Any
 
 from beampipe import Batch, Coalescer, Failed, Ok, Outcome
 
-from ._codec import FieldDesc
 from ._decode import decode, decode_fields
-from ._native import NativeReader
+from ._native import Answer, NativeReader
 
 #: Coalescer ops: "get" answers with p4p Values (ophyd, ophyd-async), "value" with decoded values.
 OP_GET = "get"
@@ -355,21 +354,21 @@ class PvaGetIO:
 
     def _native_handler(
         self, batch_id: int, flight: _Flight, decoded: bool
-    ) -> Callable[[str, FieldDesc | None, dict[str, Any] | None, str | None], None]:
-        def on_native(
-            name: str, desc: FieldDesc | None, fields: dict[str, Any] | None, error: str | None
-        ) -> None:
-            if error is not None or desc is None or fields is None:
-                outcome: Outcome[Any] = Failed(error or f"{name}: empty reply")
-            else:
+    ) -> Callable[[list[Answer]], None]:
+        def on_native(answers: list[Answer]) -> None:
+            outcomes: list[tuple[str, Outcome[Any]]] = []
+            for name, desc, fields, error in answers:
+                if error is not None or desc is None or fields is None:
+                    outcomes.append((name, Failed(error or f"{name}: empty reply")))
+                    continue
                 try:
                     if decoded:
-                        outcome = Ok(decode_fields(desc, fields, name))
+                        outcomes.append((name, Ok(decode_fields(desc, fields, name))))
                     else:
-                        outcome = Ok(desc.p4p_value(fields))
+                        outcomes.append((name, Ok(desc.p4p_value(fields))))
                 except (ValueError, TypeError, KeyError) as exc:
-                    outcome = Failed(f"{name}: {exc}")
-            self._record(batch_id, flight, name, outcome)
+                    outcomes.append((name, Failed(f"{name}: {exc}")))
+            self._record_many(batch_id, flight, outcomes)
 
         return on_native
 
@@ -400,11 +399,18 @@ class PvaGetIO:
         return on_result
 
     def _record(self, batch_id: int, flight: _Flight, name: str, outcome: Outcome[Any]) -> None:
+        self._record_many(batch_id, flight, [(name, outcome)])
+
+    def _record_many(
+        self, batch_id: int, flight: _Flight, outcomes: list[tuple[str, Outcome[Any]]]
+    ) -> None:
         with flight.lock:
-            if flight.done or name in flight.results:
+            if flight.done:
                 return
-            flight.results[name] = outcome
-            finished = len(flight.results) == flight.want
+            results = flight.results
+            for name, outcome in outcomes:
+                results.setdefault(name, outcome)
+            finished = len(results) == flight.want
             if finished:
                 flight.done = True
                 ops = list(flight.ops.values())
