@@ -53,16 +53,18 @@ H_SCHEMA_OFF = 11
 H_SCHEMA_LEN = 12
 H_CREATED_NS = 13
 H_TOTAL = 14
-# cache line 2: what readers poll
+# cache line 2: what readers poll.  Only the commit writes it per frame (LATEST, then NOTIFY):
+# a store to it while a reader spins on it costs the next store a round trip between cores
 H_LATEST = 16  # frame_seq * 256 + slot index; 0 = nothing published yet
-H_PUBLISH_NS = 17  # time.monotonic_ns() of the last publish
-H_RATE = 18  # f64 bits: frames/s, exponentially weighted
 H_DROPPED = 19  # frames the producer could not place (every slot leased)
 H_RECLAIMED = 20  # dead readers whose records and leases were reclaimed
 H_LEASE_SKIPS = 21  # publishes that skipped a leased slot
 # the futex word (low 32 bits), in LATEST's cache line: the producer stores both per frame
 # (one line to take from the readers' caches, not two), and readers read both
 H_NOTIFY = 23
+# cache line 3: the producer's statistics, written per frame, read by inspect()
+H_PUBLISH_NS = 24  # time.monotonic_ns() of the last publish
+H_RATE = 25  # f64 bits: frames/s, exponentially weighted
 HEADER_WORDS = 64
 NOTIFY_OFFSET = H_NOTIFY * 8
 
