@@ -367,7 +367,7 @@ class PvaGetIO:
                     else:
                         outcomes.append((name, Ok(desc.p4p_value(fields))))
                 except (ValueError, TypeError, KeyError) as exc:
-                    outcomes.append((name, Failed(f"{name}: {exc}")))
+                    outcomes.append((name, Failed(f"{name}: read but not decoded: {exc}")))
             self._record_many(batch_id, flight, outcomes)
 
         return on_native
