@@ -315,3 +315,46 @@ def test_read_into_follows_a_restarted_producer(shm_name: str) -> None:
     finally:
         r.close()
         p.close()
+
+
+def test_the_weak_order_branches_deliver_the_same_frames(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aarch64 branches (fences between the payload and the sequence words) taken on this
+    machine: every read_into path (polled, spinning, woken from the futex) with the fences
+    switched on delivers the same frames, and the fences are really called."""
+    from beampipe_shm import _producer, _reader, _sys
+
+    calls: list[int] = []
+
+    def fence() -> None:
+        calls.append(1)
+        _sys.fence()
+
+    for mod in (_reader, _producer):
+        monkeypatch.setattr(mod, "WEAK_ORDER", True)
+        monkeypatch.setattr(mod, "store_fence", fence)
+    monkeypatch.setattr(_reader, "load_fence", fence)
+    monkeypatch.setattr(_reader, "release_fence", fence)
+    buf = np.zeros(IMG.shape, np.uint16)
+    with Producer(shm_name, [IMG], slots=3) as p:
+        with Reader(shm_name, mode="every", start="next", spin=0.0) as r:
+            for v in (1, 2, 3):  # polled: predicted slot and LATEST
+                fill(p, v)
+                assert r.read_into(buf, timeout=0) == v and (buf == v).all()
+            timer = threading.Timer(0.05, fill, (p, 4))
+            timer.start()
+            try:  # asleep on the futex, the frame taken right after the wake-up
+                assert r.read_into(buf, timeout=5.0) == 4 and (buf == 4).all()
+            finally:
+                timer.join()
+        with Reader(shm_name, mode="every", start="next", spin=5.0) as r:
+            r.read_into(buf, timeout=0)
+            timer = threading.Timer(0.05, fill, (p, 5))
+            timer.start()
+            try:  # spinning: the frame taken inside the spin loop
+                assert r.read_into(buf, timeout=5.0) == 5 and (buf == 5).all()
+            finally:
+                timer.join()
+            assert r.stats.torn == 0
+    assert calls
