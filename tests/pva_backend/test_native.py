@@ -93,7 +93,12 @@ def test_bulk_get_asks_the_server_for_value_only(ioc) -> None:
         assert reader.start_reads([name], cb, None, op) == []
         assert done.wait(5)
         assert sent <= set(got[0]) and (op == "whole" or set(got[0]) == sent), (op, got)
+    ops = native_ops(name)
+    value_execs, whole_execs = ops["value"].execs, ops["whole"].execs
     assert beampipe_pva.bulk_get([name]) == {name: 1.5}
+    assert (ops["value"].execs, ops["whole"].execs) == (value_execs + 1, whole_execs)
+    assert beampipe_pva.bulk_get_raw([name])[name].value["display.units"] == "mm"  # type: ignore
+    assert (ops["value"].execs, ops["whole"].execs) == (value_execs + 1, whole_execs + 1)
 
 
 def test_pv_without_value_field_is_read_through_its_whole_get() -> None:

@@ -82,7 +82,18 @@ _OP_FIELDS = {OP_WHOLE: (), OP_VALUE: ("value",)}
 class _Op:
     """One persistent GET of a channel, INITed once and EXECed per read."""
 
-    __slots__ = ("busy", "channel", "desc", "exec_msg", "ioid", "kind", "queue", "sent_at", "state")
+    __slots__ = (
+        "busy",
+        "channel",
+        "desc",
+        "exec_msg",
+        "execs",
+        "ioid",
+        "kind",
+        "queue",
+        "sent_at",
+        "state",
+    )
 
     def __init__(self, channel: _Channel, kind: str, ioid: int) -> None:
         self.channel = channel
@@ -97,6 +108,7 @@ class _Op:
         )
         self.busy = False
         self.sent_at = 0.0
+        self.execs = 0
 
 
 class _Channel:
@@ -214,6 +226,7 @@ class NativeReader:
                     get.sent_at = now
                     ch.circuit.tx += get.exec_msg
                     self.execs += 1
+                    get.execs += 1
                     touched.add(ch.circuit)
             for circuit in touched:
                 circuit.last_used = now
@@ -621,6 +634,7 @@ class NativeReader:
             get.sent_at = time.monotonic()
             ch.circuit.tx += get.exec_msg
             self.execs += 1
+            get.execs += 1
             self._flush(ch.circuit)
         elif get.busy:
             get.busy = False

@@ -32,6 +32,7 @@ from typing import Any
 from beampipe import Batch, Coalescer, Failed, Ok, Outcome
 
 from ._decode import decode, decode_fields
+from ._native import OP_VALUE as OP_VALUE_GET
 from ._native import Answer, NativeReader
 
 #: Coalescer ops: "get" answers with p4p Values (ophyd, ophyd-async), "value" with decoded values.
@@ -294,11 +295,11 @@ class PvaGetIO:
         keys: list[str] = list(batch.keys)
         native = self._native_reader()
         if native is not None:
-            keys = native.start_reads(
-                keys,
-                self._native_handler(batch.id, flight, decoded),
-                _VALUE_ONLY if decoded else None,
-            )
+            handler = self._native_handler(batch.id, flight, decoded)
+            if decoded:  # the persistent GET of field(value), parsed for value alone
+                keys = native.start_reads(keys, handler, _VALUE_ONLY, OP_VALUE_GET)
+            else:
+                keys = native.start_reads(keys, handler)
             if keys:
                 # Read through p4p this time.  A PV read before gets a native channel and
                 # persistent GET for next time; one read once (a connect) costs the server no
