@@ -242,7 +242,8 @@ class Producer:
             # every reader's waiting flag in one strided slice: one C-level gather per publish
             # instead of a Python loop over the records (0.3 us instead of 0.5 us for 16)
             w0 = self._rec_waiting[0]
-            self._waiting = slice(w0, w0 + max_readers * (rs // 8), rs // 8)
+            # (the strided view is made once: per publish only its bytes are read)
+            self._waiting = self._words[w0 : w0 + max_readers * (rs // 8) : rs // 8]
             self._nobody_waits = bytes(8 * max_readers)
             self._leases = np.ndarray(
                 (max_readers, slots), np.uint64, self._mm, rec0 + L.R_LEASES * 8, (rs, 8)
@@ -346,6 +347,7 @@ class Producer:
         self._finalizer()
         self._views.clear()
         self._leases = np.empty((0, 0), np.uint64)
+        self._waiting.release()
         self._words.release()
         self._f64.release()
         # the caller kept a slot view; the mapping goes with it
@@ -639,6 +641,7 @@ class Producer:
         w[L.H_PUBLISH_NS] = now
         self._f64[L.H_RATE] = self._rate
         waiting, nobody, notify_addr = self._waiting, self._nobody_waits, self._notify_addr
+        notify = (w[23] + 1) & 0xFFFFFFFF  # L.H_NOTIFY (only the producer writes it)
         if WEAK_ORDER:
             w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
             store_fence()  # payload and metadata before the even sequence
@@ -649,11 +652,11 @@ class Producer:
             w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
             w[sw] = even  # (L.S_SEQ is word 0 of a slot)
             w[16] = latest  # L.H_LATEST
-        w[23] = (w[23] + 1) & 0xFFFFFFFF  # L.H_NOTIFY
+        w[23] = notify  # L.H_NOTIFY
         fence()  # latest/notify before we read the waiting flags (Dekker with Reader._wait)
         # (flags are 0 or 1, so even a byte-wise copy of one reads it right; a dead reader's
         # stale flag costs one spurious wake)
-        if w[waiting].tobytes() != nobody:
+        if waiting.tobytes() != nobody:
             futex_wake(notify_addr)
         return seq
 
