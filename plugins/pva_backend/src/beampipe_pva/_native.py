@@ -3,10 +3,13 @@
 p4p makes every read a new GET operation (INIT with a type exchange, EXEC,
 blocking close).  pvAccess lets a client keep the operation and EXEC it again;
 p4p 4.3 does not expose that, so this module does it over plain sockets with
-:mod:`._codec`: one TCP circuit per server, one persistent GET per channel,
+:mod:`._codec`: one TCP circuit per server, two persistent GETs per channel
+(the whole PV, and ``field(value)`` for callers that want only the value),
 every EXEC of a batch written with one ``send``, replies parsed as they
 arrive on one thread.  Each EXEC makes the server read the PV then and
 there, so every read is still a fresh GET issued after the caller asked.
+The thread lives while a circuit is open: it echoes every 15 s (pvxs servers
+drop silent clients) and closes circuits no read has used for 60 s.
 
 It only serves what it can do well.  :meth:`NativeReader.start_reads` takes
 the names whose channel is connected with a decodable type and hands back
