@@ -293,20 +293,20 @@ class PvaGetIO:
             self._flights[batch.id] = flight
         decoded = batch.op == OP_VALUE
         keys: list[str] = list(batch.keys)
-        native = self._native_reader()
+        native = self._native  # made when a PV is first read again: none for read-once PVs
         if native is not None:
             handler = self._native_handler(batch.id, flight, decoded)
             if decoded:  # the persistent GET of field(value), parsed for value alone
                 keys = native.start_reads(keys, handler, _VALUE_ONLY, OP_VALUE_GET)
             else:
                 keys = native.start_reads(keys, handler)
-            if keys:
-                # Read through p4p this time.  A PV read before gets a native channel and
-                # persistent GET for next time; one read once (a connect) costs the server no
-                # second channel.  The connect starts once this batch is answered.
-                again = self._seen_before(keys)
-                if again:
-                    flight.native = (native, again)
+        if keys and self._use_native:
+            # Read through p4p this time.  A PV read before gets a native channel and
+            # persistent GET for next time; one read once (a connect) costs the server no
+            # second channel.  The connect starts once this batch is answered.
+            again = self._seen_before(keys)
+            if again and (native := self._native_reader()) is not None:
+                flight.native = (native, again)
         if keys:
             start = _get_starter(self._context(), self._request)
             for name in keys:
