@@ -18,9 +18,9 @@ things with the x86-64 stub.  The producer runs in this process; every reader is
   in the fence page (``dmb ish; ret`` on aarch64), the futex syscall number, fences switched on;
 * layout v2: small arrays placed inline after the slot's first cache line, big ones after the
   attributes, and the header's version word;
-* stream A (a 32 KiB image and two inline arrays, 4 slots): an every-frame ``read()`` reader
+* stream A (a 512 KiB image and two inline arrays, 4 slots): an every-frame ``read()`` reader
   that keeps its first frame leased to the end (the producer must never rewrite it), an
-  every-frame ``read_into(mapping)`` reader (the big slot is copied under a lease), a
+  every-frame ``read_into(mapping)`` reader (a slot over 256 KiB is copied under a lease), a
   latest-frame reader that holds a lease and is SIGKILLed (the producer reclaims its record
   through the OFD lock), ``NameInUse``, a control message, cleanup of /dev/shm;
 * stream B (one inline 32-byte array): an every-frame ``read_into`` reader with ``spin=0``,
@@ -61,7 +61,7 @@ X86_STUB = b"\x0f\xae\xf0\xc3"  # mfence ; ret
 N_A = 200  # frames on stream A
 N_B = 400  # frames on stream B
 SPEC_A = [
-    StreamSpec("img", "int64", (64, 64)),
+    StreamSpec("img", "int64", (256, 256)),  # 512 KiB: read_into leases the slot
     StreamSpec("pos", "float64", (3,)),
     StreamSpec("cnt", "uint32", (2,)),
 ]
@@ -70,7 +70,7 @@ SPEC_B = [StreamSpec("pos", "float64", (4,))]
 
 def expect_a(seq: int) -> dict[str, np.ndarray[Any, Any]]:
     return {
-        "img": np.full((64, 64), seq, np.int64),
+        "img": np.full((256, 256), seq, np.int64),
         "pos": np.array([seq, seq + 0.5, -seq], np.float64),
         "cnt": np.array([seq & 0xFFFFFFFF, (seq * 7) & 0xFFFFFFFF], np.uint32),
     }
@@ -118,7 +118,8 @@ def whole_a(seq: int, arrays: dict[str, np.ndarray[Any, Any]]) -> bool:
 def reader_child(role: str, name: str, q: Any) -> None:
     # counted in this reader process: sleeps, weak-order fences of the read paths
     waits = Counter(reader_mod, "futex_wait")
-    fences = Counter(reader_mod, "load_fence")
+    fences = {k: Counter(reader_mod, f"{k}_fence") for k in ("load", "release", "store")}
+    fences[""] = Counter(reader_mod, "fence")
     info = platform_info()
     if role == "victim":
         r = Reader(name, mode="latest", wait=10)
@@ -176,7 +177,7 @@ def reader_child(role: str, name: str, q: Any) -> None:
                 "lat": lat,
                 "held_ok": held_ok,
                 "waits": waits.calls,
-                "fences": fences.calls,
+                "fences": {k or "full": c.calls for k, c in fences.items()},
                 "torn": stats.torn,
                 "missed": stats.missed,
             },
@@ -273,12 +274,15 @@ def run_a(ctx: Any, q: Any, me: dict[str, Any]) -> None:
         for role, (pid, res) in done.items():
             print(
                 f"A {role} (pid {pid}): {check_frames(role, res, N_A)}; futex sleeps "
-                f"{res['waits']}, load fences {res['fences']}, torn reads {res['torn']}"
+                f"{res['waits']}, fence calls {res['fences']}, torn reads {res['torn']}"
             )
         print(f"A producer: FUTEX_WAKE calls {wakes.calls}, woke {wakes.total}")
         assert wakes.total > 0, "no reader was woken"
-        if me["weak_order"]:
-            assert all(res["fences"] > 0 for _, res in done.values()), "no load fence ran"
+        if me["weak_order"]:  # the aarch64-only fences of each read path ran
+            n_into = len(done["into_map"][1]["got"])
+            assert done["into_map"][1]["fences"]["release"] >= n_into, "a lease without fence"
+            assert lease["fences"]["release"] > 0, "no release fence ran"
+            assert lease["fences"]["full"] > 0, "no full fence ran"
     finally:
         p.close()
     assert not os.path.exists(f"/dev/shm/bp.{name}")
@@ -307,7 +311,7 @@ def run_b(ctx: Any, q: Any, me: dict[str, Any]) -> None:
             med = after_pause[len(after_pause) // 2]
             print(
                 f"B {role} (pid {pid}): {check_frames(role, res, N_B)}; futex sleeps "
-                f"{res['waits']}, load fences {res['fences']}, torn reads {res['torn']}, "
+                f"{res['waits']}, fence calls {res['fences']}, torn reads {res['torn']}, "
                 f"first frame after each 0.2 s pause seen {med * 1e3:.2f} ms (median) "
                 f"/ {after_pause[-1] * 1e3:.2f} ms (max) after its publish"
             )
@@ -316,7 +320,7 @@ def run_b(ctx: Any, q: Any, me: dict[str, Any]) -> None:
         assert wakes.total > 0, "the sleeping reader was never woken"
         assert done["into_spin"][1]["waits"] == 0, "the spin=5 reader slept"
         if me["weak_order"]:
-            assert all(res["fences"] > 0 for _, res in done.values()), "no load fence ran"
+            assert all(res["fences"]["load"] > 0 for _, res in done.values()), "no load fence"
     finally:
         p.close()
     assert not os.path.exists(f"/dev/shm/bp.{name}")
