@@ -625,6 +625,23 @@ def test_small_arrays_sit_next_to_the_sequence_word_big_ones_on_pages(shm_name: 
             assert (f[n] == a).all()
 
 
+def test_inline_arrays_are_aligned_for_their_dtype(shm_name: str) -> None:
+    """A zero-copy view of an inline array must be aligned for its dtype: longdouble wants
+    16 bytes, so it does not simply follow a 3-byte array at the next 8-byte boundary."""
+    wide = np.dtype(np.longdouble)
+    streams = [StreamSpec("flags", "u1", (3,)), StreamSpec("wide", wide.str, (2,))]
+    with Producer(shm_name, streams) as p, Reader(shm_name, mode="every") as r:
+        flags_off, wide_off = p.geometry.stream_offsets
+        assert flags_off == 64 and wide_off % wide.alignment == 0 and wide_off < 256
+        p.publish({"flags": np.ones(3, np.uint8), "wide": np.array([1.5, -2.25], wide)})
+        f = r.read(timeout=1.0)
+        assert f is not None
+        view = f["wide"]
+        assert view.flags.aligned and view.ctypes.data % wide.alignment == 0
+        assert view.tolist() == [1.5, -2.25]
+        f.release()
+
+
 def test_a_segment_of_another_layout_version_is_refused_by_name(shm_name: str) -> None:
     from beampipe_shm import _layout as L
 

@@ -319,11 +319,13 @@ class Geometry:
         inline, inline_end = S_INLINE * 8, S_INLINE * 8 + INLINE_BYTES
         offsets = []
         for s in schema.streams:
-            if 0 < s.nbytes <= inline_end - inline:
+            # a zero-copy view must be aligned for its dtype (longdouble wants 16)
+            start = round_up(inline, max(8, s.dtype.alignment))
+            if 0 < s.nbytes <= inline_end - start:
                 # small arrays (in schema order, while they fit) go inline, next to the
                 # sequence word: one or two cache lines cross cores per small frame
-                offsets.append(inline)
-                inline = round_up(inline + s.nbytes, 8)
+                offsets.append(start)
+                inline = start + s.nbytes
                 continue
             # page-align big arrays (and their cache lines), pack small ones
             off = round_up(off, PAGE if s.nbytes >= PAGE else 64)
