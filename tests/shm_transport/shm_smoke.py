@@ -135,6 +135,7 @@ def reader_child(role: str, name: str, q: Any) -> None:
     got: list[tuple[int, bool, int]] = []
     lat: list[tuple[int, float]] = []
     held_ok = True
+    predicted = 0
     if role == "lease":
         held = None
         while not got or got[-1][0] < last:
@@ -159,10 +160,14 @@ def reader_child(role: str, name: str, q: Any) -> None:
             got.append((s, whole_a(s, bufs), r.last_missed))
     else:  # into_block, into_spin
         buf = np.zeros(4, np.float64)
+        slot = -1
         while not got or got[-1][0] < last:
             s = r.read_into(buf, timeout=60)
             if s == 0:
                 break
+            # the frame sat in the slot of the one before: the slot the reader watches first
+            predicted += r._pred_k == slot
+            slot = r._pred_k
             lat.append((s, (time.monotonic_ns() - r.last_publish_ns) / 1e9))
             got.append((s, bool(np.array_equal(buf, expect_b(s))), r.last_missed))
     stats = r.stats
@@ -176,6 +181,7 @@ def reader_child(role: str, name: str, q: Any) -> None:
                 "got": got,
                 "lat": lat,
                 "held_ok": held_ok,
+                "predicted": predicted,
                 "waits": waits.calls,
                 "fences": {k or "full": c.calls for k, c in fences.items()},
                 "torn": stats.torn,
@@ -310,7 +316,8 @@ def run_b(ctx: Any, q: Any, me: dict[str, Any]) -> None:
             after_pause = sorted(t for s, t in res["lat"] if s % 20 == 1 and s > 1)
             med = after_pause[len(after_pause) // 2]
             print(
-                f"B {role} (pid {pid}): {check_frames(role, res, N_B)}; futex sleeps "
+                f"B {role} (pid {pid}): {check_frames(role, res, N_B)}, "
+                f"{res['predicted']} in the slot of the frame before; futex sleeps "
                 f"{res['waits']}, fence calls {res['fences']}, torn reads {res['torn']}, "
                 f"first frame after each 0.2 s pause seen {med * 1e3:.2f} ms (median) "
                 f"/ {after_pause[-1] * 1e3:.2f} ms (max) after its publish"
