@@ -292,10 +292,11 @@ def test_a_spinning_every_reader_sees_a_frame_in_another_slot_at_once(
         assert (buf == 2).all()
 
 
-def test_read_into_follows_a_restarted_producer(shm_name: str) -> None:
+@pytest.mark.parametrize("mode", ["latest", "every"])
+def test_read_into_follows_a_restarted_producer(shm_name: str, mode: str) -> None:
     buf = np.zeros(IMG.shape, np.uint16)
     p = Producer(shm_name, [IMG])
-    r = Reader(shm_name)
+    r = Reader(shm_name, mode=mode, spin=0.0)  # type: ignore[arg-type]
     try:
         fill(p, 1)
         assert r.read_into(buf, timeout=1.0) == 1
@@ -358,3 +359,103 @@ def test_the_weak_order_branches_deliver_the_same_frames(
                 timer.join()
             assert r.stats.torn == 0
     assert calls
+
+
+def test_a_blocked_every_reader_takes_each_frame_on_the_flat_path(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every-frame read_into asleep on the futex: each frame is taken right after the
+    wake-up (never the general path), in order, with its metadata and counters; the record
+    words it leaves for later (last_seq, the waiting flag) are right by the next sleep and
+    the flag is cleared within 32 frames of fast-path reads."""
+    from beampipe_shm import _layout as L
+    from beampipe_shm import _reader
+
+    real_wait = _reader.futex_wait
+    sleeps: list[tuple[int, int]] = []
+
+    def futex_wait(addr: int, expected: int, timeout: float) -> None:
+        sleeps.append((int(r._rw[L.R_LAST_SEQ]), int(r._rw[L.R_WAITING])))
+        real_wait(addr, expected, timeout)
+
+    monkeypatch.setattr(_reader, "futex_wait", futex_wait)
+    with (
+        Producer(shm_name, [IMG], slots=4) as p,
+        Reader(shm_name, mode="every", start="next", spin=0.0) as r,
+    ):
+        buf = np.zeros(IMG.shape, np.uint16)
+        assert r.read_into(buf, timeout=0) == 0  # bind
+
+        def general(*a: object, **kw: object) -> object:
+            raise AssertionError("the blocked every-frame read_into took the general path")
+
+        monkeypatch.setattr(r, "_wait", general)
+        for v in range(1, 6):
+            timer = threading.Timer(0.03, fill, (p, v), {"frame_id": 100 + v})
+            timer.start()
+            try:
+                assert r.read_into(buf, timeout=5.0) == v
+            finally:
+                timer.join()
+            assert (buf == v).all()
+            assert r.last_frame_id == 100 + v and r.last_missed == 0
+            assert r.stats.frames == v and r.stats.missed == 0
+        # each sleep told the producer where the reader was and that it sleeps
+        assert sleeps and all(w == 1 for _, w in sleeps)
+        assert [s for s, _ in sleeps][-1] == 4  # (the last sleep: frames 1-4 delivered)
+        assert r._rw[L.R_WAITING] == 1  # left for later by the last wake-up...
+        for v in range(6, 6 + 40):
+            fill(p, v)
+            assert r.read_into(buf, timeout=0) == v
+        assert r._rw[L.R_WAITING] == 0  # ...and cleared by the fast path's bookkeeping
+        assert r._rw[L.R_LAST_SEQ] == 45 and r.stats.frames == 45
+
+
+def test_a_blocked_every_reader_that_fell_behind_counts_the_gap(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames that overwrite the reader's next one while it sleeps: the wake-up finds the
+    slot it watched holding a later frame, and the general path counts the gap."""
+    from beampipe_shm import _reader
+
+    real_wait = _reader.futex_wait
+    with (
+        Producer(shm_name, [IMG], slots=3) as p,
+        Reader(shm_name, mode="every", start="next", spin=0.0) as r,
+    ):
+        buf = np.zeros(IMG.shape, np.uint16)
+        fill(p, 1)
+        assert r.read_into(buf, timeout=0) == 1
+
+        def burst(addr: int, expected: int, timeout: float) -> None:
+            for v in range(2, 8):  # 6 frames into 3 slots while the reader "sleeps"
+                fill(p, v)
+            real_wait(addr, expected, timeout)  # (returns at once: the word changed)
+
+        monkeypatch.setattr(_reader, "futex_wait", burst)
+        got = []
+        while len(got) < 3:
+            n = r.read_into(buf, timeout=5.0)
+            assert n
+            got.append((n, int(buf[0, 0]), r.last_missed))
+            monkeypatch.setattr(_reader, "futex_wait", real_wait)
+        assert got[0][0] == got[0][1] and got[0][2] == got[0][0] - 2  # oldest kept, gap counted
+        assert [g[0] for g in got] == list(range(got[0][0], got[0][0] + 3))
+        assert r.stats.missed == got[0][2] and r.stats.frames == 4
+
+
+def test_a_blocked_every_reader_times_out_keeping_its_last_frame(shm_name: str) -> None:
+    with (
+        Producer(shm_name, [IMG]) as p,
+        Reader(shm_name, mode="every", start="next", spin=0.0) as r,
+    ):
+        buf = np.zeros(IMG.shape, np.uint16)
+        fill(p, 1, frame_id=7)
+        assert r.read_into(buf, timeout=0) == 1
+        t0 = time.monotonic()
+        assert r.read_into(buf, timeout=0.2) == 0
+        assert 0.15 < time.monotonic() - t0 < 2.0
+        assert r.last_frame_id == 7 and r.stats.frames == 1
+        from beampipe_shm import _layout as L
+
+        assert r._rw[L.R_WAITING] == 0  # not asleep: the producer must not keep waking us

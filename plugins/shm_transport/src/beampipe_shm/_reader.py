@@ -409,7 +409,9 @@ class Reader:
         self._into_key = None  # a new mapping: read_into() binds its buffers again
         self._into_pairs = []
         self._into_slots = None
+        self._into_one = False
         self._into_ok = False
+        self._notify_addr = att.notify_addr
         self._words = att.seg.words
         self._rw = att.rw
         #: the slot of the last frame delivered: where a reader that keeps up finds the next
@@ -599,6 +601,66 @@ class Reader:
                     return n
                 if timeout is not None:
                     timeout = max(0.0, now + timeout - time.monotonic())
+            if n < 0 and self._into_one:
+                # The blocked every-frame reader of small frames, flat: no call between the
+                # futex's return and ours but the wait itself.  After the sleep the caches
+                # are cold (other processes ran meanwhile): each lookup, call and cache line
+                # then costs ~10x what it does warm, so all the frame needs is bound before
+                # the sleep, and the record words (last_seq, waiting flag) that tell the
+                # producer where we are wait until the next sleep (or the next 32nd frame).
+                deadline = None if timeout is None else time.monotonic() + timeout
+                weak = WEAK_ORDER
+                while True:
+                    words = self._words
+                    rw = self._rw
+                    v = words[23]  # L.H_NOTIFY, before the flag and the look
+                    rw[4] = self._last  # L.R_LAST_SEQ (one line with the flag: no extra miss)
+                    rw[2] = 1  # L.R_WAITING
+                    fence()  # waiting flag before we look for frames (Dekker with _commit)
+                    n = self._into_fast()
+                    if n >= 0:
+                        break
+                    wait_s = self._sleep_s(deadline)
+                    if wait_s <= 0.0:
+                        self._rw[2] = 0  # L.R_WAITING (a new record after a reattach: harmless)
+                        if wait_s == 0.0:
+                            return 0
+                        n = 0  # reattached: the general path binds the new mapping
+                        break
+                    last = self._last
+                    n = last + 1
+                    s = n + n
+                    sw, copies, meta = self._into_slots[self._pred_k]  # type: ignore[index]
+                    d0, s0 = copies[0]  # type: ignore[index]
+                    mt = self._meta
+                    missed = self.last_missed
+                    st = self.stats
+                    futex_wait(self._notify_addr, v, wait_s)
+                    if words[sw] == s:  # the frame after ours, in our last slot
+                        if weak:
+                            load_fence()
+                        d0[:] = s0
+                        mt[:] = meta
+                        if weak:
+                            load_fence()  # the copies before the re-check of the sequence
+                        if words[sw] == s:
+                            self._last = n
+                            if missed:
+                                self.last_missed = 0
+                            count = st.frames + 1
+                            st.frames = count
+                            if not count & 31:
+                                self._beat_due()
+                            return n
+                        st.torn += 1
+                    n = self._into_fast()
+                    if n >= 0:
+                        break
+                self._rw[2] = 0  # L.R_WAITING
+                if n > 0:
+                    return n
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
             r = self._wait(timeout, self._into_map, fast=True, spin=n == 0)
             if isinstance(r, int):
                 return r
@@ -641,6 +703,7 @@ class Reader:
         self._into_sig = [(a.shape, a.dtype) for a in self._into_arrays]
         self._into_pairs = []
         self._into_slots = None
+        self._into_one = False
         self._into_ok = not self._has_variable and not self._closed
         self._into_is_map = not isinstance(out, np.ndarray)
         if self._into_ok:
@@ -664,6 +727,10 @@ class Reader:
                 )
                 for sw, pairs in zip(self._slot_words, self._into_pairs, strict=True)
             ]
+            #: read_into's flat blocked path: every-frame, one small copy per frame
+            self._into_one = bool(self._mode) and all(
+                c is not None and len(c) == 1 for _, c, _ in self._into_slots
+            )
         self._into_key = out
 
     def _into_fast(self) -> int:
@@ -722,6 +789,7 @@ class Reader:
         self._beat_count -= 1
         if self._beat_count <= 0:  # frame counters and heartbeat: every 32 frames at most
             self._beat_count = 32
+            self._rw[2] = 0  # L.R_WAITING, as a wake-up of the blocked read_into leaves it
             now = time.monotonic_ns()
             if now >= self._next_beat:
                 self._beat(now)
@@ -799,7 +867,29 @@ class Reader:
             if n >= 0:
                 return n
 
+    def _sleep_s(self, deadline: float | None) -> float:
+        """Between two looks for a frame in the blocked read_into: heartbeat, producer
+        liveness (following a restart), the deadline.  Seconds to sleep; 0.0: the deadline
+        passed; -1.0: reattached to a new producer (take the general path)."""
+        now_ns = time.monotonic_ns()
+        if now_ns >= self._next_beat:
+            self._beat(now_ns)
+        now = now_ns / 1e9
+        att = self._att
+        if now >= self._next_liveness or att.seg.words[L.H_STATE] != L.STATE_LIVE:
+            self._next_liveness = now + _LIVENESS_EVERY
+            if not att.seg.producer_alive():
+                att.rw[L.R_WAITING] = 0
+                if self._try_reattach():
+                    return -1.0
+                att.rw[L.R_WAITING] = 1
+        if deadline is None:
+            return _LIVENESS_EVERY
+        remaining = deadline - time.monotonic()
+        return 0.0 if remaining <= 0 else min(remaining, _LIVENESS_EVERY)
+
     def _beat_due(self) -> None:
+        self._rw[2] = 0  # L.R_WAITING, left set by the blocked read_into's wake-up
         now = time.monotonic_ns()
         if now >= self._next_beat:
             self._beat(now)
@@ -835,6 +925,7 @@ class Reader:
         self._beat_count -= 1
         if self._beat_count <= 0:  # frame counters and heartbeat: every 32 frames at most
             self._beat_count = 32
+            self._rw[2] = 0  # L.R_WAITING, as a wake-up of the blocked read_into leaves it
             now = time.monotonic_ns()
             if now >= self._next_beat:
                 self._beat(now)
@@ -1217,6 +1308,7 @@ class Reader:
         self._into_ok = False
         self._into_pairs = []
         self._into_slots = None
+        self._into_one = False
         with self._lock:
             self._finalizer()
 
