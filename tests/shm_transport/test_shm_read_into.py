@@ -371,14 +371,14 @@ def test_a_blocked_every_reader_takes_each_frame_on_the_flat_path(
     from beampipe_shm import _layout as L
     from beampipe_shm import _reader
 
-    real_wait = _reader.futex_wait
+    real_wait = _reader.futex_syscall
     sleeps: list[tuple[int, int]] = []
 
-    def futex_wait(addr: int, expected: int, timeout: float) -> None:
+    def futex_syscall(*args: object) -> int:
         sleeps.append((int(r._rw[L.R_LAST_SEQ]), int(r._rw[L.R_WAITING])))
-        real_wait(addr, expected, timeout)
+        return real_wait(*args)
 
-    monkeypatch.setattr(_reader, "futex_wait", futex_wait)
+    monkeypatch.setattr(_reader, "futex_syscall", futex_syscall)
     with (
         Producer(shm_name, [IMG], slots=4) as p,
         Reader(shm_name, mode="every", start="next", spin=0.0) as r,
@@ -418,7 +418,7 @@ def test_a_blocked_every_reader_that_fell_behind_counts_the_gap(
     slot it watched holding a later frame, and the general path counts the gap."""
     from beampipe_shm import _reader
 
-    real_wait = _reader.futex_wait
+    real_wait = _reader.futex_syscall
     with (
         Producer(shm_name, [IMG], slots=3) as p,
         Reader(shm_name, mode="every", start="next", spin=0.0) as r,
@@ -427,18 +427,18 @@ def test_a_blocked_every_reader_that_fell_behind_counts_the_gap(
         fill(p, 1)
         assert r.read_into(buf, timeout=0) == 1
 
-        def burst(addr: int, expected: int, timeout: float) -> None:
+        def burst(*args: object) -> int:
             for v in range(2, 8):  # 6 frames into 3 slots while the reader "sleeps"
                 fill(p, v)
-            real_wait(addr, expected, timeout)  # (returns at once: the word changed)
+            return real_wait(*args)  # (returns at once: the word changed)
 
-        monkeypatch.setattr(_reader, "futex_wait", burst)
+        monkeypatch.setattr(_reader, "futex_syscall", burst)
         got = []
         while len(got) < 3:
             n = r.read_into(buf, timeout=5.0)
             assert n
             got.append((n, int(buf[0, 0]), r.last_missed))
-            monkeypatch.setattr(_reader, "futex_wait", real_wait)
+            monkeypatch.setattr(_reader, "futex_syscall", real_wait)
         assert got[0][0] == got[0][1] and got[0][2] == got[0][0] - 2  # oldest kept, gap counted
         assert [g[0] for g in got] == list(range(got[0][0], got[0][0] + 3))
         assert r.stats.missed == got[0][2] and r.stats.frames == 4

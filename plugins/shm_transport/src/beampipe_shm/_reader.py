@@ -30,7 +30,9 @@ from ._segment import Mapped, open_segment
 from ._sys import (
     WEAK_ORDER,
     fence,
+    futex_syscall,
     futex_wait,
+    futex_wait_args,
     load_fence,
     release_fence,
     store_fence,
@@ -635,7 +637,13 @@ class Reader:
                     mt = self._meta
                     missed = self.last_missed
                     st = self.stats
-                    futex_wait(self._notify_addr, v, wait_s)
+                    # counted ahead (one store less after the wake-up), taken back below if
+                    # this wake-up does not deliver the frame
+                    count = st.frames + 1
+                    st.frames = count
+                    beat = not count & 31
+                    args = futex_wait_args(self._notify_addr, v, wait_s)
+                    futex_syscall(*args)
                     if words[sw] == s:  # the frame after ours, in our last slot
                         if weak:
                             load_fence()
@@ -647,12 +655,11 @@ class Reader:
                             self._last = n
                             if missed:
                                 self.last_missed = 0
-                            count = st.frames + 1
-                            st.frames = count
-                            if not count & 31:
+                            if beat:
                                 self._beat_due()
                             return n
                         st.torn += 1
+                    st.frames = count - 1
                     n = self._into_fast()
                     if n >= 0:
                         break

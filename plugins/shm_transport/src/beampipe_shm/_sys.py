@@ -37,7 +37,9 @@ __all__ = [
     "PAGE",
     "WEAK_ORDER",
     "fence",
+    "futex_syscall",
     "futex_wait",
+    "futex_wait_args",
     "futex_wake",
     "load_fence",
     "lock_held_by_other",
@@ -123,6 +125,25 @@ def futex_wait(addr: int, expected: int, timeout: float) -> None:
         _FUTEX_WAIT,
         ctypes.c_uint32(expected & 0xFFFFFFFF),
         ctypes.byref(ts),
+        None,
+        0,
+    )
+
+
+#: the raw syscall and the argument tuple of one futex wait: for a waiter that must not pay
+#: even a Python frame's return on its way back from the kernel (the blocked read_into)
+futex_syscall: Callable[..., int] = _libc.syscall
+
+
+def futex_wait_args(addr: int, expected: int, timeout: float) -> tuple[object, ...]:
+    """``futex_syscall(*futex_wait_args(...))`` is ``futex_wait(...)`` without the wrapper."""
+    ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
+    return (
+        _SYS_FUTEX,
+        ctypes.c_void_p(addr),
+        _FUTEX_WAIT,
+        ctypes.c_uint32(expected & 0xFFFFFFFF),
+        ctypes.byref(ts),  # (keeps ts alive)
         None,
         0,
     )
