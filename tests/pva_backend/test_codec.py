@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import socket
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_whole_structure_reply() -> None:
         + s("mm")
     )
     reply = C.parse_get_reply(exec_reply(7, payload), "<", {}, lambda _: desc)
-    assert reply.ioid == 7 and reply.error is None and not reply.init
+    assert reply.ioid == 7 and reply.error is None and not reply.init and reply.complete
     assert reply.value == {
         "value": 2.5,
         "alarm": {"severity": 2, "status": 3, "message": "HIGH"},
@@ -71,9 +72,10 @@ def test_whole_structure_reply() -> None:
     }
 
 
-def test_partial_reply_carries_only_the_marked_fields() -> None:
+def test_partial_reply_carries_only_the_marked_fields_and_says_it_is_a_delta() -> None:
+    """Parsing only: the client merges a delta into its previous copy (test_native)."""
     desc = desc_of(NTSCALAR)
-    # value, alarm.message and the whole timeStamp: as QSRV marks what it filled in.
+    # value, alarm.message and the whole timeStamp: what changed since the last reply.
     payload = bitset(1, 5, 6) + struct.pack("<d", -1.0) + s("") + struct.pack("<qii", 5, 6, 7)
     reply = C.parse_get_reply(exec_reply(1, payload), "<", {}, lambda _: desc)
     assert reply.value == {
@@ -81,6 +83,19 @@ def test_partial_reply_carries_only_the_marked_fields() -> None:
         "alarm": {"message": ""},
         "timeStamp": {"secondsPastEpoch": 5, "nanoseconds": 6, "userTag": 7},
     }
+    assert not reply.complete
+    # every leaf marked one by one (no structure bit) is complete too
+    leaves = bitset(1, 3, 4, 5, 7, 8, 9, 10)
+    every = leaves + struct.pack("<dii", 1.0, 0, 0) + s("") + struct.pack("<qii", 1, 2, 3) + s("")
+    assert C.parse_get_reply(exec_reply(1, every), "<", {}, lambda _: desc).complete
+    nothing = C.parse_get_reply(exec_reply(1, b"\x00"), "<", {}, lambda _: desc)
+    assert nothing.value == {} and not nothing.complete
+    # with only ``value`` kept, a reply marking ``value`` is complete, one without it is not
+    keep = frozenset(["value"])
+    only_value = bitset(1) + struct.pack("<d", 3.0)
+    assert C.parse_get_reply(exec_reply(1, only_value), "<", {}, lambda _: desc, keep).complete
+    stamp = bitset(6) + struct.pack("<qii", 5, 6, 7)
+    assert not C.parse_get_reply(exec_reply(1, stamp), "<", {}, lambda _: desc, keep).complete
 
 
 def test_projection_skips_fields_without_decoding_them() -> None:
@@ -186,9 +201,28 @@ def test_malformed_replies_are_protocol_errors() -> None:
         C.parse_get_reply(exec_reply(1, short), "<", {}, lambda _: array)
 
 
-def test_framer_splits_joins_and_follows_byte_order() -> None:
+@pytest.mark.parametrize(
+    ("parse", "body"),
+    [
+        (C.parse_message, b"\x00\x00"),
+        (C.parse_message, struct.pack("<iB", 1, 0) + b"\x09ab"),
+        (C.parse_create_channel_reply, b"\x01\x00\x00"),
+        (C.parse_create_channel_reply, struct.pack("<ii", 1, 2)),
+        (C.parse_connection_validated, b""),
+        (C.parse_destroy_channel, b"\x01"),
+        (C.parse_ioid, b"\x01\x02"),
+        (C.parse_validation, b"\x00\x00"),
+    ],
+)
+def test_short_server_messages_are_protocol_errors(parse: Any, body: bytes) -> None:
+    """Never struct.error or IndexError: the client drops that circuit, not its I/O thread."""
+    with pytest.raises(C.ProtocolError, match=r"truncated|runs past"):
+        parse(body, "<")
+
+
+def test_framer_splits_joins_and_keeps_each_messages_byte_order() -> None:
     stream = (
-        struct.pack("<BBBBI", 0xCA, 2, 0x01 | 0x80 | 0x40, 2, 0)  # control: server is BE
+        struct.pack("<BBBBI", 0xCA, 2, 0x01 | 0x80 | 0x40, 2, 0)  # control: skipped
         + C.message(C.CMD_ECHO, b"abc")
         + C.message(C.CMD_GET, b"x" * 300, ">")
     )
@@ -196,7 +230,6 @@ def test_framer_splits_joins_and_follows_byte_order() -> None:
     got: list[C.Message] = []
     for i in range(0, len(stream), 7):  # dribbled in 7-byte pieces
         got += framer.feed(stream[i : i + 7])
-    assert framer.order == ">"
     assert [(m.command, m.order, m.body) for m in got] == [
         (C.CMD_ECHO, "<", b"abc"),
         (C.CMD_GET, ">", b"x" * 300),
@@ -246,7 +279,7 @@ def test_search_round_trip() -> None:
     (msg,) = C.Framer().feed(request)
     assert msg.command == C.CMD_SEARCH
     seq, flags = struct.unpack_from("<IB", msg.body, 0)
-    assert seq == 9 and flags & 0x01
+    assert seq == 9 and flags == 0x80  # unicast, no reply required (see test_native)
     # A server's answer: GUID, sequence, its address and port, "tcp", found, cids.
     addr = b"\0" * 10 + b"\xff\xff" + socket.inet_aton("127.0.0.2")
     body = b"G" * 12 + struct.pack("<I", 9) + addr + struct.pack("<H", 5075)

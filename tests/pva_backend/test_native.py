@@ -7,6 +7,7 @@ that switch, then check the values against p4p's own reads of the same PV.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -466,3 +467,328 @@ def test_quiet_circuits_echo_and_unused_ones_close(reader_for, monkeypatch) -> N
         _wait_ready(reader, name)  # asked for again: a new circuit
         assert server.connections == 2
         assert _read(reader, name) == (1.0, None)
+
+
+# --- delta replies: a server that resends only what changed (as pvDatabase does) --------------
+
+#: NTScalar double with alarm and timeStamp: (bit, path, struct format or "s" for a string)
+_LEAVES = (
+    (1, "value", "d"),
+    (3, "alarm.severity", "i"),
+    (4, "alarm.status", "i"),
+    (5, "alarm.message", "s"),
+    (7, "timeStamp.secondsPastEpoch", "q"),
+    (8, "timeStamp.nanoseconds", "i"),
+    (9, "timeStamp.userTag", "i"),
+)
+
+
+def _full_scalar_type() -> bytes:
+    def struct_of(tid: str, fields: list[tuple[str, bytes]]) -> bytes:
+        out = b"\x80" + C.encode_string(tid) + C.encode_size(len(fields))
+        return out + b"".join(C.encode_string(n) + t for n, t in fields)
+
+    alarm = struct_of("alarm_t", [("severity", b"\x22"), ("status", b"\x22"), ("message", b"\x60")])
+    stamp = struct_of(
+        "time_t",
+        [("secondsPastEpoch", b"\x23"), ("nanoseconds", b"\x22"), ("userTag", b"\x22")],
+    )
+    return struct_of(
+        "epics:nt/NTScalar:1.0", [("value", b"\x43"), ("alarm", alarm), ("timeStamp", stamp)]
+    )
+
+
+class DeltaServer(ScriptedServer):
+    """Answers each GET operation as pvDatabase does: the whole structure (bit 0) on its first
+    EXEC, then only the leaves that changed since that operation's previous reply, an empty
+    bitset if none did.  ``record`` is the PV; the test changes it between reads."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, [(_full_scalar_type(), lambda: None)])
+        self.record: dict[str, Any] = {
+            "value": 4.5,
+            "alarm.severity": 1,
+            "alarm.status": 3,
+            "alarm.message": "HIGH",
+            "timeStamp.secondsPastEpoch": 1_700_000_000,
+            "timeStamp.nanoseconds": 0,
+            "timeStamp.userTag": 0,
+        }
+        self.sent: dict[int, dict[str, Any]] = {}  # ioid -> the record as last sent on it
+        self.replies: list[set[str]] = []  # the leaves each EXEC reply carried
+
+    def _exec(self, ioid: int) -> bytes:
+        now = dict(self.record)
+        last = self.sent.get(ioid)
+        self.sent[ioid] = now
+        if last is None:
+            mask, leaves = 1, _LEAVES
+        else:
+            leaves = tuple(leaf for leaf in _LEAVES if now[leaf[1]] != last[leaf[1]])
+            mask = sum(1 << bit for bit, _p, _f in leaves)
+        self.replies.append({p for _b, p, _f in leaves})
+        raw = mask.to_bytes((mask.bit_length() + 7) // 8, "little")
+        out = C.encode_size(len(raw)) + raw
+        for _bit, path, fmt in leaves:
+            v = now[path]
+            out += C.encode_string(v) if fmt == "s" else struct.pack("<" + fmt, v)
+        return out
+
+    def _serve(
+        self, conn: socket.socket, msg: C.Message, desc: bytes, on_exec: Callable[[], bytes | None]
+    ) -> bool:
+        if msg.command == C.CMD_GET:
+            _sid, ioid, sub = struct.unpack_from("<iiB", msg.body, 0)
+            if not sub & C.SUB_INIT:
+                reply = struct.pack("<iB", ioid, sub) + b"\xff" + self._exec(ioid)
+                conn.sendall(C.message(C.CMD_GET, reply, server=True))
+                return True
+            self.sent.pop(ioid, None)  # a new INIT: the next EXEC sends everything
+        return super()._serve(conn, msg, desc, on_exec)
+
+
+def test_delta_replies_are_merged_into_the_previous_copy(monkeypatch) -> None:
+    """A field the server did not resend has not changed since this operation's last reply:
+    bulk_get still returns the value, bulk_get_raw still has the alarm, never defaults."""
+    name = "DELTA:x"
+    with DeltaServer(name) as server:
+        beampipe_pva.close_context()
+        monkeypatch.setattr(_native, "search_addresses", lambda *a: [server.search_address])
+        deadline = time.monotonic() + 10
+        while beampipe_pva.native_state(name) != "ready":  # two p4p reads (not found), then native
+            assert time.monotonic() < deadline, beampipe_pva.native_state(name)
+            beampipe_pva.bulk_get_raw([name], timeout=0.2)
+        assert beampipe_pva.bulk_get([name]) == {name: 4.5}  # the value GET's first EXEC
+        server.record["timeStamp.nanoseconds"] = 5
+        assert beampipe_pva.bulk_get([name]) == {name: 4.5}
+        assert server.replies[-1] == {"timeStamp.nanoseconds"}  # the value was not resent
+        assert beampipe_pva.bulk_get([name]) == {name: 4.5}
+        assert server.replies[-1] == set()  # nothing changed: an empty bitset
+        server.record["value"] = -2.0
+        assert beampipe_pva.bulk_get([name]) == {name: -2.0}
+        assert server.replies[-1] == {"value"}
+        raw = beampipe_pva.bulk_get_raw([name])[name].value  # type: ignore[union-attr]
+        server.record["timeStamp.nanoseconds"] = 9
+        for expect_sent in ({"timeStamp.nanoseconds"}, set()):
+            again = beampipe_pva.bulk_get_raw([name])[name].value  # type: ignore[union-attr]
+            assert server.replies[-1] == expect_sent
+            assert again["value"] == -2.0
+            assert again["alarm.severity"] == 1 and again["alarm.message"] == "HIGH"
+            assert again["timeStamp.secondsPastEpoch"] == 1_700_000_000
+            assert again["timeStamp.nanoseconds"] == 9
+        assert raw["timeStamp.nanoseconds"] == 5 and raw["alarm.status"] == 3
+
+
+def test_a_delta_does_not_change_an_array_a_caller_holds() -> None:
+    """The merged copy carries unchanged arrays over as copies, so a caller that changed the
+    array it got does not change what the next read returns."""
+    old = {"value": np.arange(3.0), "alarm": {"severity": 0}, "names": ["a"]}
+    merged = _native._merged(old, {"alarm": {"severity": 2}})
+    old["value"][0] = 99.0
+    old["names"].append("b")
+    np.testing.assert_array_equal(merged["value"], [0.0, 1.0, 2.0])
+    assert merged == {"value": merged["value"], "alarm": {"severity": 2}, "names": ["a"]}
+
+
+# --- faults on the I/O thread ------------------------------------------------------------
+
+
+class GarbledMessageServer(ScriptedServer):
+    """Sends a 2-byte MESSAGE (an ioid and severity need 5) before the reply to one EXEC."""
+
+    def __init__(self, name: str, garble_on: int) -> None:
+        super().__init__(
+            name, [(_scalar_type(b"\x43"), lambda: b"\x01\x02" + struct.pack("<d", 1.0))]
+        )
+        self.garble_on = garble_on
+        self.execs = 0
+
+    def _serve(
+        self, conn: socket.socket, msg: C.Message, desc: bytes, on_exec: Callable[[], bytes | None]
+    ) -> bool:
+        if msg.command == C.CMD_GET and not msg.body[8] & C.SUB_INIT:
+            self.execs += 1
+            if self.execs == self.garble_on:
+                conn.sendall(C.message(C.CMD_MESSAGE, b"\x00\x00", server=True))
+        return super()._serve(conn, msg, desc, on_exec)
+
+
+def test_a_malformed_message_drops_its_circuit_not_the_reader(reader_for) -> None:
+    name = "GARBLED:x"
+    with GarbledMessageServer(name, garble_on=2) as server:
+        reader = reader_for(server)
+        _wait_ready(reader, name)
+        assert _read(reader, name) == (1.0, None)
+        value, error = _read(reader, name)
+        assert value is None and error is not None
+        assert name in error and "protocol error" in error and "server message" in error
+        _wait_ready(reader, name)  # the I/O thread lives on: searched again, reconnected
+        assert server.connections == 2
+        assert _read(reader, name) == (1.0, None)
+
+
+def test_an_unexpected_error_on_the_io_thread_fails_reads_and_restarts(
+    reader_for, monkeypatch, caplog
+) -> None:
+    name = "BUGGY:x"
+    answer = (_scalar_type(b"\x43"), lambda: b"\x01\x02" + struct.pack("<d", 2.0))
+    with ScriptedServer(name, [answer]) as server:
+        reader = reader_for(server)
+        _wait_ready(reader, name)
+
+        def broken(get: Any, reply: Any) -> Any:
+            raise RuntimeError("a bug in the reader")
+
+        monkeypatch.setattr(NativeReader, "_merge", staticmethod(broken))
+        value, error = _read(reader, name)
+        assert value is None and error is not None
+        assert name in error and "RuntimeError: a bug in the reader" in error
+        assert any("I/O thread failed" in r.message for r in caplog.records)
+        deadline = time.monotonic() + 5
+        while reader._thread is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert reader.state(name) == "search"
+        monkeypatch.undo()
+        _wait_ready(reader, name)  # want() starts a new I/O thread
+        assert _read(reader, name) == (2.0, None)
+
+
+def test_a_read_stuck_on_a_silent_server_fails_with_the_reason(reader_for, monkeypatch) -> None:
+    """Without another read coming: the I/O thread's keepalive pass notices it."""
+    monkeypatch.setattr(_native, "_STUCK", 0.3)
+
+    class Silent(ScriptedServer):
+        def _serve(self, conn: Any, msg: C.Message, desc: bytes, on_exec: Any) -> bool:
+            if msg.command == C.CMD_GET and not msg.body[8] & C.SUB_INIT:
+                return True  # swallows EXECs
+            return super()._serve(conn, msg, desc, on_exec)
+
+    name = "SILENT:x"
+    with Silent(name, [(_scalar_type(b"\x43"), lambda: b"")]) as server:
+        reader = reader_for(server)
+        _wait_ready(reader, name)
+        t0 = time.monotonic()
+        value, error = _read(reader, name, timeout=3.0)
+        assert value is None and error is not None and "GET unanswered for 0.3 s" in error
+        assert time.monotonic() - t0 < 1.5
+        # queued behind a stuck GET: a second read is failed too, and delivered
+        _wait_ready(reader, name)
+        got: list[Any] = []
+        assert reader.start_reads([name], got.extend) == []
+        assert reader.start_reads([name], got.extend) == []  # queued on the same GET
+        deadline = time.monotonic() + 3
+        while len(got) < 2:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.02)
+        assert all(e is not None and "unanswered" in e for _n, _d, _f, e in got)
+
+
+def test_a_native_read_unanswered_at_the_deadline_says_so(monkeypatch, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="beampipe.pva")
+
+    class Silent(ScriptedServer):
+        def _serve(self, conn: Any, msg: C.Message, desc: bytes, on_exec: Any) -> bool:
+            if self.mute and msg.command == C.CMD_GET and not msg.body[8] & C.SUB_INIT:
+                return True  # swallows EXECs once muted
+            return super()._serve(conn, msg, desc, on_exec)
+
+    name = "MUTE:x"
+    answer = (_scalar_type(b"\x43"), lambda: b"\x01\x02" + struct.pack("<d", 3.0))
+    with Silent(name, [answer]) as server:
+        server.mute = False
+        beampipe_pva.close_context()
+        monkeypatch.setattr(_native, "search_addresses", lambda *a: [server.search_address])
+        deadline = time.monotonic() + 10
+        while beampipe_pva.native_state(name) != "ready":
+            assert time.monotonic() < deadline, beampipe_pva.native_state(name)
+            beampipe_pva.bulk_get_raw([name], timeout=0.2)
+        assert beampipe_pva.bulk_get([name]) == {name: 3.0}
+        server.mute = True
+        caplog.clear()
+        assert beampipe_pva.bulk_get([name], timeout=0.3) == {name: None}
+        assert any(
+            name in r.message and "no answer in time to its native GET" in r.message
+            for r in caplog.records
+        ), [r.message for r in caplog.records]
+
+
+# --- servers that fail, names that are not found: bounded retries -------------------------
+
+
+def test_a_server_that_refuses_circuits_is_given_up_on(reader_for, monkeypatch) -> None:
+    monkeypatch.setattr(_native, "_SERVER_HOLD", (0.05, 0.1, 0.2, 2.0))
+
+    class Refuses(ScriptedServer):
+        def _serve(self, conn: Any, msg: C.Message, desc: bytes, on_exec: Any) -> bool:
+            if msg.command == C.CMD_VALIDATION:  # e.g. an auth method it will not accept
+                refusal = b"\x02" + C.encode_string("denied") + C.encode_string("")
+                conn.sendall(C.message(C.CMD_CONNECTION_VALIDATED, refusal, server=True))
+                return True
+            return super()._serve(conn, msg, desc, on_exec)
+
+    name = "REFUSE:x"
+    with Refuses(name, [(_scalar_type(b"\x43"), lambda: b"")]) as server:
+        reader = reader_for(server)
+        reader.want([name])
+        deadline = time.monotonic() + 5
+        while reader.state(name) != "failed":
+            assert time.monotonic() < deadline, (reader.state(name), server.connections)
+            time.sleep(0.02)
+        assert server.connections == _native._SERVER_GIVE_UP
+        reader.want([name])  # held off: p4p serves it, no new search or circuit
+        time.sleep(1.0)
+        assert server.connections == _native._SERVER_GIVE_UP
+        assert reader.state(name) == "failed"
+
+
+def test_names_not_found_are_searched_again_only_after_a_growing_hold_off(monkeypatch) -> None:
+    """PVs the native search cannot reach (behind a gateway or name server) are read through
+    p4p; re-asking for them on every batch must not cost a search each time."""
+    monkeypatch.setattr(_native, "_SEARCH_BACKOFF", (0.0, 0.01, 0.02))
+    monkeypatch.setattr(_native, "_FAILED_HOLD", (0.5, 1.0, 100.0))
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setblocking(False)
+    reader = NativeReader([sink.getsockname()])
+    names = [f"NOWHERE:{i}" for i in range(5)]
+    searched = 0
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.5:
+            reader.want(names)  # as PvaGetIO does after each batch served by p4p
+            time.sleep(0.05)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    searched += sink.recv(65536).count(b"NOWHERE:")
+        assert {reader.state(n) for n in names} == {"failed"}
+    finally:
+        reader.close()
+        sink.close()
+    # three rounds (at 0, after 0.5 s, after 1 s more) of three searches each
+    assert searched == 3 * 3 * len(names)
+
+
+def test_search_asks_no_reply_for_names_a_server_does_not_have() -> None:
+    """Flags 0x80, not 0x81: a pvxs server answers only for names it has."""
+    name = f"BPFLAG{time.monotonic_ns() % 10**9}:x"
+    server = Server(providers=[{name: SharedPV(initial=NTScalar("d").wrap(1.0))}])
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.5)
+    port = int(server.conf()["EPICS_PVAS_BROADCAST_PORT"])
+    try:
+        for cid, pv in ((1, name + "nope"), (2, name)):
+            request = C.search_request(cid, [(cid, pv)], udp.getsockname()[1])
+            udp.sendto(request, ("127.0.0.1", port))
+        replies = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                reply = C.parse_search_response(udp.recvfrom(65536)[0], "127.0.0.1")
+                if reply is not None:
+                    replies.append(reply)
+        # (pvxs may answer the found one twice: it also hears its own unicast forward)
+        assert {(r.found, r.cids) for r in replies} == {(True, (2,))}
+    finally:
+        udp.close()
+        server.stop()

@@ -1,8 +1,11 @@
 """A sans-I/O pvAccess codec: bytes in, messages and values out; no sockets, no threads.
 
 Just the part of the protocol a GET client needs (search, connection
-validation, create/destroy channel, GET INIT/EXEC, GET_FIELD, server
-messages), so that a read can keep its GET operation and only EXEC it again.
+validation, create/destroy channel, GET INIT/EXEC, server messages), so that
+a read can keep its GET operation and only EXEC it again.  Every parser of
+server bytes raises :class:`ProtocolError` (never ``struct.error`` or
+``IndexError``) on a short or malformed message, so the client can drop just
+that circuit.
 
 Why values are parsed by generated code: a GET reply carries a changed-bitset
 and then only the marked fields.  Walking the type field by field in Python
@@ -20,11 +23,12 @@ those through p4p instead.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -32,16 +36,15 @@ __all__ = [
     "CMD_CONNECTION_VALIDATED",
     "CMD_CREATE_CHANNEL",
     "CMD_DESTROY_CHANNEL",
-    "CMD_DESTROY_REQUEST",
     "CMD_ECHO",
     "CMD_GET",
-    "CMD_GET_FIELD",
     "CMD_MESSAGE",
     "CMD_SEARCH",
     "CMD_SEARCH_RESPONSE",
     "CMD_VALIDATION",
     "FieldDesc",
     "Framer",
+    "GetReply",
     "Message",
     "ProtocolError",
     "SearchReply",
@@ -49,16 +52,17 @@ __all__ = [
     "client_validation",
     "create_channel",
     "destroy_channel",
-    "destroy_request",
     "encode_size",
     "encode_string",
     "get_exec",
-    "get_field",
     "get_init",
     "message",
+    "parse_connection_validated",
     "parse_create_channel_reply",
-    "parse_get_field_reply",
+    "parse_destroy_channel",
     "parse_get_reply",
+    "parse_ioid",
+    "parse_message",
     "parse_search_response",
     "parse_validation",
     "pv_request",
@@ -66,7 +70,6 @@ __all__ = [
     "search_request",
 ]
 
-CMD_BEACON = 0
 CMD_VALIDATION = 1
 CMD_ECHO = 2
 CMD_SEARCH = 3
@@ -75,8 +78,6 @@ CMD_CREATE_CHANNEL = 7
 CMD_DESTROY_CHANNEL = 8
 CMD_CONNECTION_VALIDATED = 9
 CMD_GET = 10
-CMD_DESTROY_REQUEST = 15
-CMD_GET_FIELD = 17
 CMD_MESSAGE = 18
 
 SUB_INIT = 0x08
@@ -86,7 +87,6 @@ _FLAG_CONTROL = 0x01
 _FLAG_SEGMENT = 0x30
 _FLAG_SERVER = 0x40
 _FLAG_BIG = 0x80
-_CTRL_SET_BYTE_ORDER = 2
 
 #: pvData type code -> (struct format char, p4p type code); sizes are the standard ones.
 _SCALARS: dict[int, tuple[str, str]] = {
@@ -186,14 +186,14 @@ def message(command: int, payload: bytes, order: str = "<", *, server: bool = Fa
 class Framer:
     """Splits a TCP byte stream into :class:`Message` s, joining segmented ones.
 
-    Control messages are header-only; the one a client must heed is the
-    server's byte order, which :attr:`order` tracks.
+    Control messages (header-only: byte order, flow control) are skipped:
+    every application message carries its own byte order flag, which
+    :class:`Message` keeps.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._segments: list[bytes] | None = None
-        self.order = "<"
 
     def feed(self, data: bytes) -> list[Message]:
         buf = self._buf
@@ -206,8 +206,6 @@ class Framer:
             flags, command = buf[pos + 2], buf[pos + 3]
             order = ">" if flags & _FLAG_BIG else "<"
             if flags & _FLAG_CONTROL:
-                if command == _CTRL_SET_BYTE_ORDER:
-                    self.order = order
                 pos += 8
                 continue
             (size,) = struct.unpack_from(order + "I", buf, pos + 4)
@@ -245,10 +243,7 @@ class FieldDesc:
         self.id = id
         self.fields = fields
         self.nbits: int = 1 + sum(f.nbits for _, f in fields) if code == _STRUCT else 1
-        self._plans: dict[
-            tuple[bytes, str, frozenset[str] | None],
-            Callable[[bytes, int], tuple[dict[str, Any], int]],
-        ] = {}
+        self._plans: dict[tuple[bytes, str, frozenset[str] | None], Plan] = {}
         self._p4p: Any = None
 
     def __repr__(self) -> str:
@@ -285,14 +280,12 @@ class FieldDesc:
         return self._p4p
 
     def p4p_value(self, fields: dict[str, Any]) -> Any:
-        """Parsed fields as a p4p ``Value`` of this type (unsent fields keep their defaults)."""
+        """Parsed fields (complete: the reader merges delta replies) as a p4p ``Value``."""
         from p4p import Value
 
         return Value(self.p4p_type(), fields)
 
-    def plan(
-        self, bits: bytes, order: str, keep: frozenset[str] | None = None
-    ) -> Callable[[bytes, int], tuple[dict[str, Any], int]]:
+    def plan(self, bits: bytes, order: str, keep: frozenset[str] | None = None) -> Plan:
         """The parser for a value with this changed-bitset (LE bytes): (buf, pos) -> (dict, pos).
 
         ``keep`` names the top-level fields wanted (e.g. only ``value``); the
@@ -305,6 +298,13 @@ class FieldDesc:
             if len(self._plans) < 64:
                 self._plans[key] = fn
         return fn
+
+
+class Plan(NamedTuple):
+    """A generated parser, and whether its bitset marks every (kept) field."""
+
+    parse: Callable[[bytes, int], tuple[dict[str, Any], int]]
+    complete: bool
 
 
 def _check_supported(d: FieldDesc) -> None:
@@ -445,6 +445,8 @@ class _Gen:
         self.consts: dict[str, Any] = {}
         self.run: list[tuple[str, str]] = []  # pending fixed-size scalars: (var or "", format)
         self.nvar = 0
+        #: a kept field was left unmarked: the value is a delta, not the whole structure
+        self.missing = False
 
     def var(self) -> str:
         self.nvar += 1
@@ -517,6 +519,10 @@ class _Gen:
                 return "{" + ", ".join(f"{n!r}: {e}" for n, e in items if e) + "}"
             return self.whole(d, keep) or None
         if d.code != _STRUCT or not bits >> bit:
+            if isinstance(keep, frozenset):
+                self.missing = self.missing or any(n in keep for n, _ in d.fields)
+            elif keep and (d.code != _STRUCT or d.fields):
+                self.missing = True
             return None
         fields: list[str] = []
         child = bit + 1
@@ -529,9 +535,7 @@ class _Gen:
         return "{" + ", ".join(fields) + "}" if fields else None
 
 
-def _compile(
-    desc: FieldDesc, bits: int, order: str, keep: frozenset[str] | None = None
-) -> Callable[[bytes, int], tuple[dict[str, Any], int]]:
+def _compile(desc: FieldDesc, bits: int, order: str, keep: frozenset[str] | None = None) -> Plan:
     _check_supported(desc)
     if desc.code != _STRUCT:
         raise Unsupported("a GET value is a structure")
@@ -551,7 +555,7 @@ def _compile(
     }
     exec(compile(src, f"<pva parser {desc.id or 'structure'}>", "exec"), namespace)
     fn: Callable[[bytes, int], tuple[dict[str, Any], int]] = namespace["parse"]
-    return fn
+    return Plan(fn, not gen.missing)
 
 
 def _bitset(buf: bytes, pos: int, order: str) -> tuple[bytes, int]:
@@ -627,25 +631,19 @@ def get_exec(sid: int, ioid: int) -> bytes:
     return message(CMD_GET, struct.pack("<iiB", sid, ioid, 0))
 
 
-def destroy_request(sid: int, ioid: int) -> bytes:
-    return message(CMD_DESTROY_REQUEST, struct.pack("<ii", sid, ioid))
-
-
-def get_field(sid: int, ioid: int, sub_field: str = "") -> bytes:
-    """Ask for a channel's type alone (pvinfo): no value is transferred."""
-    return message(CMD_GET_FIELD, struct.pack("<ii", sid, ioid) + encode_string(sub_field))
-
-
 def search_request(
     seq: int, names: list[tuple[int, str]], reply_port: int, *, reply_host: str = "0.0.0.0"
 ) -> bytes:
     """A UDP search for ``(cid, name)`` pairs, answered to ``reply_host:reply_port``.
 
-    The unicast flag asks a server that got it on a unicast address to pass it
+    Flags 0x80 (unicast): a server that got it on a unicast address passes it
     on to the other servers on its host (pvxs does, over loopback multicast).
+    Not 0x01 (reply required): with it every server answers "not found" for
+    names it does not have, a datagram per server per search, which this
+    client ignores anyway.
     """
     addr = b"\0" * 10 + b"\xff\xff" + socket.inet_aton(reply_host)
-    payload = struct.pack("<IB3x", seq, 0x81) + addr + struct.pack("<H", reply_port)
+    payload = struct.pack("<IB3x", seq, 0x80) + addr + struct.pack("<H", reply_port)
     payload += encode_size(1) + encode_string("tcp") + struct.pack("<H", len(names))
     payload += b"".join(struct.pack("<I", cid) + encode_string(n) for cid, n in names)
     return message(CMD_SEARCH, payload)
@@ -654,6 +652,29 @@ def search_request(
 # --- messages a client receives ----------------------------------------------------------
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _server_bytes(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """A parser of server bytes: a short or malformed body is a :class:`ProtocolError`."""
+
+    def wrap(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(fn)
+        def parse(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return fn(*args, **kwargs)
+            except (IndexError, struct.error, ValueError) as exc:
+                if isinstance(exc, ProtocolError):
+                    raise
+                raise ProtocolError(f"truncated or malformed {what}: {exc}") from exc
+
+        return parse
+
+    return wrap
+
+
+@_server_bytes("validation request")
 def parse_validation(body: bytes, order: str) -> tuple[int, list[str]]:
     """The server's validation request: its receive buffer size and auth methods."""
     try:
@@ -668,26 +689,50 @@ def parse_validation(body: bytes, order: str) -> tuple[int, list[str]]:
     return bufsize, methods
 
 
+@_server_bytes("connection validated message")
 def parse_connection_validated(body: bytes, order: str) -> str | None:
     """None if the server accepted the connection, else its reason."""
     return _read_status(body, 0, order)[0]
 
 
+@_server_bytes("create channel reply")
 def parse_create_channel_reply(body: bytes, order: str) -> tuple[int, int, str | None]:
     """(cid, sid, error or None)."""
     cid, sid = struct.unpack_from(order + "ii", body, 0)
     return cid, sid, _read_status(body, 8, order)[0]
 
 
+@_server_bytes("destroy channel message")
+def parse_destroy_channel(body: bytes, order: str) -> tuple[int, int]:
+    """The server destroyed a channel: (sid, cid)."""
+    sid, cid = struct.unpack_from(order + "ii", body, 0)
+    return sid, cid
+
+
+@_server_bytes("operation reply")
+def parse_ioid(body: bytes, order: str) -> int:
+    """The operation id an operation's reply (GET...) starts with."""
+    (ioid,) = struct.unpack_from(order + "i", body, 0)
+    return int(ioid)
+
+
 @dataclass(frozen=True, slots=True)
 class GetReply:
-    """One GET reply: INIT carries ``desc``; EXEC carries ``value`` (the marked fields)."""
+    """One GET reply: INIT carries ``desc``; EXEC carries ``value`` (the marked fields).
+
+    ``complete``: every (kept) field was marked, so ``value`` holds the whole
+    structure; else it holds only the marked fields (``bits``, the changed-bitset):
+    after the first reply, what changed since this operation's last reply, which
+    the client merges into its previous copy.
+    """
 
     ioid: int
     init: bool
     error: str | None
     desc: FieldDesc | None = None
     value: dict[str, Any] | None = None
+    complete: bool = False
+    bits: bytes = b""
 
 
 def parse_get_reply(
@@ -717,26 +762,18 @@ def parse_get_reply(
         if desc is None:
             raise ProtocolError(f"GET reply for operation {ioid}, which was never INITed")
         bits, pos = _bitset(body, pos, order)
-        value, pos = desc.plan(bits, order, keep)(body, pos)
-    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+        plan = desc.plan(bits, order, keep)
+        value, pos = plan.parse(body, pos)
+    except ProtocolError:
+        raise
+    except (IndexError, struct.error, ValueError) as exc:
         raise ProtocolError(f"truncated or malformed GET reply: {exc}") from exc
     if pos != len(body):
         raise ProtocolError(f"GET reply has {len(body) - pos} bytes after its value")
-    return GetReply(ioid, False, None, value=value)
+    return GetReply(ioid, False, None, value=value, complete=plan.complete, bits=bits)
 
 
-def parse_get_field_reply(
-    body: bytes, order: str, cache: dict[int, FieldDesc]
-) -> tuple[int, str | None, FieldDesc | None]:
-    """(ioid, error or None, type)."""
-    (ioid,) = struct.unpack_from(order + "i", body, 0)
-    error, pos = _read_status(body, 4, order)
-    if error is not None:
-        return ioid, error, None
-    desc, _ = read_type(body, pos, order, cache)
-    return ioid, None, desc
-
-
+@_server_bytes("server message")
 def parse_message(body: bytes, order: str) -> tuple[int, int, str]:
     """A server MESSAGE (18): (ioid, severity 0-3, text)."""
     ioid, kind = struct.unpack_from(order + "iB", body, 0)

@@ -114,22 +114,30 @@ def decode(value: Any, pv: str = "?") -> Any:
 def decode_fields(desc: Any, fields: dict[str, Any], pv: str = "?") -> Any:
     """:func:`decode` for the native reader's parsed fields (a dict) and their type.
 
-    Gives what :func:`decode` gives for the same PV read through p4p.  A reply
-    that left the value unmarked (so p4p would show its default) goes the
-    long way, through a p4p Value.
+    Gives what :func:`decode` gives for the same PV read through p4p.  The
+    reader hands over complete fields (delta replies merged into its previous
+    copy), so a missing field is an error naming the PV, never a default.
     """
     kind = desc.id
-    value = fields.get("value")
-    if value is None or kind == NTNDARRAY:
-        return decode(desc.p4p_value(fields), pv)
+    if "value" not in fields:
+        have = "value" in desc
+        raise DecodeError(
+            f"pva://{pv}: {kind or 'structure'} "
+            + ("reply holds no 'value'" if have else "has no 'value' field")
+        )
+    value = fields["value"]
     if kind == NTENUM:
-        if "index" not in value or "choices" not in value:
-            return decode(desc.p4p_value(fields), pv)
+        if not isinstance(value, dict) or "index" not in value or "choices" not in value:
+            raise DecodeError(f"pva://{pv}: NTEnum value without index and choices: {value!r}")
         return _enum_choice(int(value["index"]), value["choices"], pv)
     if kind == NTTABLE:
-        if len(value) != len(desc["value"].fields):
-            return decode(desc.p4p_value(fields), pv)
+        columns = [n for n, _ in desc["value"].fields]
+        if not isinstance(value, dict) or list(value) != columns:
+            got = list(value) if isinstance(value, dict) else value
+            raise DecodeError(f"pva://{pv}: NTTable reply has columns {got}, not {columns}")
         return value
+    if kind == NTNDARRAY:
+        return decode(desc.p4p_value(fields), pv)
     return value
 
 

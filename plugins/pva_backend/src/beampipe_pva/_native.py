@@ -19,9 +19,21 @@ the codec does not parse (NTNDArray, unions), servers the search does not
 reach (name servers, other networks) and PVs that do not exist stay on p4p,
 which already reports them properly.
 
+Delta replies: a server may answer a re-EXECed GET with only the fields that
+changed since its last reply on that operation (pvDatabase does: everything
+first, then what changed, an empty bitset if nothing did).  Each GET keeps
+the last complete copy of its fields and merges every reply into it; a read
+is answered from the merged copy, never from defaults.
+
 Faults: a lost circuit fails its reads in flight (None with the reason) and
 puts its channels back to searching; a reconnect INITs again, so a PV whose
-type changed across a server restart is parsed with its new type.
+type changed across a server restart is parsed with its new type.  A server
+whose circuits keep failing (refused, malformed messages) is held off with a
+growing delay, and after a few failures its channels are marked ``failed``
+(p4p serves them); names the search does not find are searched again only
+after a growing hold-off, so PVs behind a gateway or name server do not cost
+a search per batch.  An unexpected error on the I/O thread fails every read
+in flight with the reason and leaves the reader able to start again.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import numpy as np
 
 from . import _codec as C
 
@@ -57,6 +71,14 @@ _ECHO_EVERY = 15.0
 #: A circuit no read has used for this long is closed (its PVs go back to p4p until read again).
 _CIRCUIT_IDLE = 60.0
 _STUCK = 5.0  # an EXEC unanswered this long marks its channel as broken
+#: A server whose circuit failed (refused, lost before serving a read, malformed messages) is
+#: not connected to again for _SERVER_HOLD[min(failures, len - 1)] s; after _SERVER_GIVE_UP
+#: failures in a row the channels that found it are marked failed (p4p serves them).
+_SERVER_HOLD = (0.05, 0.5, 2.0, 5.0, 15.0, 30.0)
+_SERVER_GIVE_UP = 4
+#: A failed name (not found, or its server given up on) is searched again on want() only after
+#: _FAILED_HOLD[min(rounds, len - 1)] s: p4p serves it meanwhile.
+_FAILED_HOLD = (10.0, 30.0, 120.0, 600.0)
 
 
 def search_addresses(environ: dict[str, str] | None = None) -> list[tuple[str, int]]:
@@ -80,19 +102,24 @@ def search_addresses(environ: dict[str, str] | None = None) -> list[tuple[str, i
 OP_WHOLE = "whole"
 OP_VALUE = "value"
 _OP_FIELDS = {OP_WHOLE: (), OP_VALUE: ("value",)}
+#: The fields each GET parses (the value-only one skips anything else a server sends).
+_OP_KEEP: dict[str, frozenset[str] | None] = {OP_WHOLE: None, OP_VALUE: frozenset(("value",))}
 
 
 class _Op:
     """One persistent GET of a channel, INITed once and EXECed per read."""
 
     __slots__ = (
+        "base_bits",
         "busy",
         "channel",
         "desc",
         "exec_msg",
         "execs",
         "ioid",
+        "keep",
         "kind",
+        "last",
         "queue",
         "sent_at",
         "state",
@@ -102,6 +129,11 @@ class _Op:
         self.channel = channel
         self.kind = kind
         self.ioid = ioid
+        self.keep = _OP_KEEP[kind]
+        #: the fields as of the last reply (delta replies are merged in), and the bitset of
+        #: the reply that set its shape (a reply with the same bitset replaces it whole)
+        self.last: dict[str, Any] | None = None
+        self.base_bits = b""
         self.state = "init"  # -> ready, or failed (the server refused it / a type we cannot parse)
         self.desc: C.FieldDesc | None = None
         self.exec_msg = b""
@@ -115,7 +147,18 @@ class _Op:
 
 
 class _Channel:
-    __slots__ = ("attempts", "cid", "circuit", "name", "next_search", "ops", "sid", "state")
+    __slots__ = (
+        "attempts",
+        "cid",
+        "circuit",
+        "failed_rounds",
+        "hold_until",
+        "name",
+        "next_search",
+        "ops",
+        "sid",
+        "state",
+    )
 
     # states: search -> connect (circuit) -> create -> init -> ready; failed; unsupported
     def __init__(self, name: str, cid: int) -> None:
@@ -124,6 +167,9 @@ class _Channel:
         self.state = "search"
         self.attempts = 0
         self.next_search = 0.0
+        #: times it ended failed, and until when want() leaves it failed (on p4p)
+        self.failed_rounds = 0
+        self.hold_until = 0.0
         self.circuit: _Circuit | None = None
         self.sid = -1
         self.ops: dict[str, _Op] = {}
@@ -135,6 +181,7 @@ class _Circuit:
         "by_cid",
         "by_ioid",
         "framer",
+        "good",
         "last_tx",
         "last_used",
         "sock",
@@ -155,6 +202,8 @@ class _Circuit:
         self.by_ioid: dict[int, _Op] = {}
         self.waiting: list[_Channel] = []
         self.last_tx = self.last_used = time.monotonic()
+        #: a GET on it was INITed: the server works, so losing it later is not its failure
+        self.good = False
 
 
 class NativeReader:
@@ -180,6 +229,8 @@ class NativeReader:
         self._inflight = 0
         self._by_cid: dict[int, _Channel] = {}
         self._circuits: dict[tuple[str, int], _Circuit] = {}
+        #: server address -> (circuit failures in a row, no new circuit before this time)
+        self._server_fails: dict[tuple[str, int], tuple[int, float]] = {}
         self._next_id = 1
         self._search_seq = 0
         self._thread: threading.Thread | None = None
@@ -199,13 +250,13 @@ class NativeReader:
         """EXEC the persistent GET of each ready name; returns the names it did not take.
 
         ``op``: which of the channel's GETs (:data:`OP_WHOLE`, :data:`OP_VALUE`; the whole one
-        if the server refused the other); ``keep``: the top-level fields to decode (None: all).
+        if the server refused the other); ``keep``: the top-level fields to answer with
+        (None: all).
         """
         kind = op
-        if self._thread is None:
-            self._poll_inline()
         rest: list[str] = []
         touched: set[_Circuit] = set()
+        done: list[tuple[ReadCallback, str, str]] = []
         now = time.monotonic()
         with self._lock:
             if self._closed:
@@ -219,7 +270,7 @@ class NativeReader:
                 if get is None or get.state != "ready":
                     get = ch.ops[OP_WHOLE]
                 if get.busy and now - get.sent_at > _STUCK:
-                    self._reset_channel(ch, f"{name}: GET unanswered for {_STUCK:.0f} s", [])
+                    self._reset_channel(ch, _stuck_reason(name), done)
                     rest.append(name)
                     continue
                 get.queue.append((on_result, keep))
@@ -234,8 +285,9 @@ class NativeReader:
             for circuit in touched:
                 circuit.last_used = now
                 self._flush(circuit)
-            if touched:
+            if touched or done or (self._thread is None and self._pending):
                 self._ensure_thread()
+        _deliver([], done)
         return rest
 
     def want(self, names: Iterable[str]) -> None:
@@ -252,11 +304,11 @@ class NativeReader:
                     self._by_cid[ch.cid] = ch
                     new = True
                     self._set_state(ch, "search")
-                elif ch.state == "failed":
+                elif ch.state == "failed" and time.monotonic() >= ch.hold_until:
                     self._set_state(ch, "search")
                     ch.attempts, ch.next_search = 0, 0.0
                     new = True
-            if new:
+            if new or (self._thread is None and self._pending):
                 self._ensure_thread()
 
     def state(self, name: str) -> str:
@@ -283,7 +335,7 @@ class NativeReader:
             self._udp.close()
             self._wake_r.close()
             self._wake_w.close()
-        _run(done)
+        _deliver([], done)
 
     # --- the I/O thread ---------------------------------------------------------------
 
@@ -299,33 +351,49 @@ class NativeReader:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
-    def _poll_inline(self) -> None:
-        """With no I/O thread running, notice what happened on idle circuits (EOF, destroys)."""
-        if self._service_lock.acquire(blocking=False):
-            try:
-                if not self._closed:
-                    self._service(0.0)
-            finally:
-                self._service_lock.release()
-
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:
+            # A bug, or a fault nothing above expected: no read may wait for an answer this
+            # thread will never parse, and the next read must find a reader that works.
+            logger.exception("pvAccess native reader: I/O thread failed")
+            self._recover(f"native reader failed: {type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _loop(self) -> None:
         idle_since = time.monotonic()
         while True:
             with self._service_lock:
                 if self._closed:
-                    break
+                    return
                 self._service(self._next_timer())
             now = time.monotonic()
             with self._lock:
                 if self._closed:
-                    break
+                    return
                 if self._busy():
                     idle_since = now
                 elif now - idle_since >= _IDLE_EXIT:
                     self._thread = None
                     return
-        with self._lock:
-            self._thread = None
+
+    def _recover(self, reason: str) -> None:
+        """After an unexpected error: fail reads in flight, close circuits, search again."""
+        done: list[tuple[ReadCallback, str, str]] = []
+        try:
+            with self._lock:
+                if self._closed:
+                    return
+                for circuit in list(self._circuits.values()):
+                    self._drop_circuit(circuit, reason, done, restart=False)
+                for ch in self._channels.values():
+                    self._fail_reads(ch, f"{ch.name}: {reason}", done)
+        finally:
+            _deliver([], done)
 
     def _busy(self) -> bool:
         """With the lock held: anything the thread must still watch or do (an open circuit
@@ -347,40 +415,42 @@ class NativeReader:
         """One pass: wait for sockets up to ``timeout``, handle what is ready, send searches."""
         events = self._sel.select(timeout)
         done: list[tuple[ReadCallback, str, str]] = []
-        results: list[tuple[ReadCallback, str, C.FieldDesc, dict[str, Any]]] = []
-        for key, mask in events:
-            tag = key.data
-            if tag == "wake":
-                with contextlib.suppress(OSError):
-                    self._wake_r.recv(4096)
-            elif tag == "udp":
-                self._read_udp()
-            else:
-                circuit: _Circuit = tag
-                if mask & selectors.EVENT_WRITE:
-                    with self._lock:
-                        self._writable(circuit, done)
-                if mask & selectors.EVENT_READ:
-                    self._readable(circuit, done, results)
-        now = time.monotonic()
-        self._send_searches(now)
-        with self._lock:
-            self._keepalive(now, done)
-        groups: dict[int, tuple[ReadCallback, list[Answer]]] = {}
-        for cb, name, desc, value in results:
-            groups.setdefault(id(cb), (cb, []))[1].append((name, desc, value, None))
-        for cb, answers in groups.values():
-            try:
-                cb(answers)
-            except Exception:
-                logger.exception("read callback for %d PVs failed", len(answers))
-        _run(done)
+        results: list[tuple[ReadCallback, Answer]] = []
+        try:
+            for key, mask in events:
+                tag = key.data
+                if tag == "wake":
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                elif tag == "udp":
+                    self._read_udp()
+                else:
+                    circuit: _Circuit = tag
+                    if mask & selectors.EVENT_WRITE:
+                        with self._lock:
+                            self._writable(circuit, done)
+                    if mask & selectors.EVENT_READ:
+                        self._readable(circuit, done, results)
+            now = time.monotonic()
+            self._send_searches(now)
+            with self._lock:
+                self._keepalive(now, done)
+        finally:  # what was parsed or failed is delivered even if a later step raised
+            _deliver(results, done)
 
     def _keepalive(self, now: float, done: list[tuple[ReadCallback, str, str]]) -> None:
-        """With the lock held: echo on quiet circuits, close the ones no read uses any more."""
+        """With the lock held: echo on quiet circuits, close the ones no read uses any more,
+        reset channels whose GET the server has left unanswered."""
         for circuit in list(self._circuits.values()):
             if circuit.state != "ready":
                 continue
+            stuck = {
+                op.channel
+                for op in circuit.by_ioid.values()
+                if op.busy and now - op.sent_at > _STUCK
+            }
+            for ch in stuck:
+                self._reset_channel(ch, _stuck_reason(ch.name), done)
             idle = not any(op.busy for op in circuit.by_ioid.values())
             if idle and now - circuit.last_used > _CIRCUIT_IDLE:
                 channels = list(circuit.by_cid.values())
@@ -405,7 +475,7 @@ class NativeReader:
             for ch in due:
                 ch.attempts += 1
                 if ch.attempts > len(_SEARCH_BACKOFF):
-                    self._set_state(ch, "failed")  # p4p serves it; the next want() searches again
+                    self._fail(ch, now)  # p4p serves it; a want() after the hold-off searches
                     continue
                 ch.next_search = now + _SEARCH_BACKOFF[min(ch.attempts, len(_SEARCH_BACKOFF) - 1)]
             due = [ch for ch in due if ch.state == "search"]
@@ -457,6 +527,14 @@ class NativeReader:
         """With the lock held: put the channel on the circuit to ``addr`` (opening it)."""
         circuit = self._circuits.get(addr)
         if circuit is None:
+            fails, until = self._server_fails.get(addr, (0, 0.0))
+            now = time.monotonic()
+            if now < until:  # held off after a failure
+                if fails < _SERVER_GIVE_UP:
+                    ch.next_search = max(ch.next_search, until)  # search again when it ends
+                elif ch.state != "failed":
+                    self._fail(ch, now)  # given up on (for now): p4p serves it
+                return
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -464,6 +542,7 @@ class NativeReader:
             if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
                 sock.close()
                 logger.debug("connect to %s:%d failed: %s", *addr, os.strerror(err))
+                self._server_failed(addr)
                 return
             circuit = _Circuit(addr, sock)
             self._circuits[addr] = circuit
@@ -514,7 +593,7 @@ class NativeReader:
         self,
         circuit: _Circuit,
         done: list[tuple[ReadCallback, str, str]],
-        results: list[tuple[ReadCallback, str, C.FieldDesc, dict[str, Any]]],
+        results: list[tuple[ReadCallback, Answer]],
     ) -> None:
         try:
             data = circuit.sock.recv(1 << 20)
@@ -533,39 +612,44 @@ class NativeReader:
                     self._handle(circuit, msg, done, results)
             except C.ProtocolError as exc:
                 logger.warning("pvAccess circuit to %s:%d: %s", *circuit.addr, exc)
-                self._drop_circuit(circuit, f"protocol error: {exc}", done)
+                self._drop_circuit(circuit, f"protocol error: {exc}", done, fault=True)
 
     def _handle(
         self,
         circuit: _Circuit,
         msg: C.Message,
         done: list[tuple[ReadCallback, str, str]],
-        results: list[tuple[ReadCallback, str, C.FieldDesc, dict[str, Any]]],
+        results: list[tuple[ReadCallback, Answer]],
     ) -> None:
         cmd, body, order = msg.command, msg.body, msg.order
         if cmd == C.CMD_GET:
-            (ioid,) = C.struct.unpack_from(order + "i", body, 0)
-            get = circuit.by_ioid.get(ioid)
+            get = circuit.by_ioid.get(C.parse_ioid(body, order))
             if get is None:
                 return
             ch = get.channel
-            keep = get.queue[0][1] if get.queue else None
             desc = get.desc
             try:
-                reply = C.parse_get_reply(body, order, circuit.types, lambda _: desc, keep)
+                reply = C.parse_get_reply(body, order, circuit.types, lambda _: desc, get.keep)
             except C.ProtocolError as exc:  # one bad reply: this channel starts over
                 self._reset_channel(ch, f"{ch.name}: bad GET reply: {exc}", done)
                 return
             if reply.init:
                 self._on_init(get, reply)
+                circuit.good = circuit.good or get.state == "ready"
             elif reply.error is not None:
                 self._answer(get, done, reply.error)
             else:
                 assert reply.value is not None and desc is not None
+                fields = self._merge(get, reply)
                 head = get.queue.popleft() if get.queue else None
                 self._next_exec(get)
-                if head is not None:
-                    results.append((head[0], ch.name, desc, reply.value))
+                if head is None:
+                    return
+                name = ch.name
+                keep = head[1]
+                if keep is not None and keep != get.keep:
+                    fields = {k: v for k, v in fields.items() if k in keep}
+                results.append((head[0], (name, desc, fields, None)))
         elif cmd == C.CMD_VALIDATION:
             _, methods = C.parse_validation(body, order)
             circuit.tx += C.client_validation(methods, *_identity())
@@ -588,17 +672,18 @@ class NativeReader:
             if error is not None:
                 logger.debug("pva://%s: create channel refused: %s", chan.name, error)
                 self._detach(chan, "failed")
+                self._fail(chan, time.monotonic())
                 return
             chan.sid = sid
             self._set_state(chan, "init")
-            for op_kind, fields in _OP_FIELDS.items():
+            for op_kind, request in _OP_FIELDS.items():
                 new = _Op(chan, op_kind, self._new_id())
                 chan.ops[op_kind] = new
                 circuit.by_ioid[new.ioid] = new
-                circuit.tx += C.get_init(sid, new.ioid, fields)
+                circuit.tx += C.get_init(sid, new.ioid, request)
             self._flush(circuit)
         elif cmd == C.CMD_DESTROY_CHANNEL:
-            _sid, cid = C.struct.unpack_from(order + "ii", body, 0)
+            _sid, cid = C.parse_destroy_channel(body, order)
             gone = circuit.by_cid.get(cid)
             if gone is not None:
                 self._reset_channel(gone, f"{gone.name}: the server destroyed the channel", done)
@@ -607,6 +692,28 @@ class NativeReader:
             about = circuit.by_ioid.get(ioid)
             name = about.channel.name if about is not None else "?"
             logger.debug("server message for pva://%s: [%d] %s", name, severity, text)
+
+    @staticmethod
+    def _merge(get: _Op, reply: C.GetReply) -> dict[str, Any]:
+        """The GET's fields after this reply: the first reply after INIT as it is (fields it
+        left unmarked were never set: a p4p Value shows their defaults, as p4p's own GET
+        does), later ones merged into the previous copy.
+
+        A field the server did not resend is one it says has not changed since its last
+        reply on this operation, and this EXEC made it read the PV again: so the merged copy
+        is the PV as of this EXEC, as fresh as the fields it did send (what p4p and pvxs
+        clients do with monitor updates, which carry the same kind of bitset).
+        """
+        value = reply.value
+        assert value is not None
+        last = get.last
+        if last is None or reply.complete:
+            get.last, get.base_bits = value, reply.bits
+        elif reply.bits == get.base_bits:  # the same fields as the copy has: nothing to keep
+            get.last = value
+        else:
+            get.last = _merged(last, value)
+        return get.last
 
     def _on_init(self, get: _Op, reply: C.GetReply) -> None:
         ch = get.channel
@@ -620,6 +727,7 @@ class NativeReader:
         else:
             get.desc = reply.desc
             get.exec_msg = C.get_exec(ch.sid, get.ioid)
+            get.last = None  # a new INIT: the next reply is the whole value again
             get.state = "ready"
         if ch.state == "init" and all(g.state != "init" for g in ch.ops.values()):
             self._set_state(ch, "ready")
@@ -675,11 +783,24 @@ class NativeReader:
         ch.attempts, ch.next_search = 0, 0.0
 
     def _drop_circuit(
-        self, circuit: _Circuit, reason: str, done: list[tuple[ReadCallback, str, str]]
+        self,
+        circuit: _Circuit,
+        reason: str,
+        done: list[tuple[ReadCallback, str, str]],
+        *,
+        restart: bool = True,
+        fault: bool = False,
     ) -> None:
-        """With the lock held: close it; its reads fail, its channels search again."""
+        """With the lock held: close it; its reads fail, its channels search again (after a
+        hold-off if the server failed: before serving anything, or with a ``fault``)."""
         if self._circuits.get(circuit.addr) is circuit:
             del self._circuits[circuit.addr]
+        delay, give_up = 0.05, False
+        if self._closed or (circuit.good and not fault):
+            self._server_fails.pop(circuit.addr, None)
+        else:
+            delay = self._server_failed(circuit.addr)
+            give_up = self._server_fails[circuit.addr][0] >= _SERVER_GIVE_UP
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(circuit.sock)
         circuit.sock.close()
@@ -690,14 +811,35 @@ class NativeReader:
                 ch.circuit = None
                 self._fail_reads(ch, f"{ch.name}: {reason} ({host}:{port})", done)
                 ch.sid, ch.ops = -1, {}
-                if ch.state != "unsupported":
+                if give_up:
+                    self._fail(ch, time.monotonic())
+                elif ch.state != "unsupported":
                     self._set_state(ch, "search")
-                    ch.attempts, ch.next_search = 0, time.monotonic() + 0.05
+                    ch.attempts, ch.next_search = 0, time.monotonic() + delay
         circuit.by_cid.clear()
         circuit.by_ioid.clear()
         circuit.waiting.clear()
-        if not self._closed:
+        if restart and not self._closed:
             self._ensure_thread()
+
+    def _server_failed(self, addr: tuple[str, int]) -> float:
+        """With the lock held: count a circuit failure of this server; the hold-off it gets."""
+        fails = self._server_fails.get(addr, (0, 0.0))[0] + 1
+        delay = _SERVER_HOLD[min(fails - 1, len(_SERVER_HOLD) - 1)]
+        self._server_fails[addr] = (fails, time.monotonic() + delay)
+        if fails >= _SERVER_GIVE_UP:
+            logger.warning(
+                "pvAccess server %s:%d failed %d times in a row: its PVs are read through p4p",
+                *addr,
+                fails,
+            )
+        return delay
+
+    def _fail(self, ch: _Channel, now: float) -> None:
+        """With the lock held: leave it to p4p; want() searches again after a growing hold-off."""
+        self._set_state(ch, "failed")
+        ch.hold_until = now + _FAILED_HOLD[min(ch.failed_rounds, len(_FAILED_HOLD) - 1)]
+        ch.failed_rounds += 1
 
     _PENDING = frozenset(("search", "connect", "create", "init"))
 
@@ -725,9 +867,43 @@ def _identity() -> tuple[str, str]:
     return user, socket.gethostname()
 
 
-def _run(done: list[tuple[ReadCallback, str, str]]) -> None:
-    """Deliver failed reads, grouped by callback like the answered ones."""
+def _stuck_reason(name: str) -> str:
+    return f"{name}: GET unanswered for {_STUCK:g} s (the channel is reset)"
+
+
+def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the fields of ``new`` (a delta) put in, as a new dict (old is not changed).
+
+    Values carried over from ``old`` are copied if mutable (arrays, lists): the caller of
+    the previous read may hold and change them.
+    """
+    out: dict[str, Any] = {}
+    for key, was in old.items():
+        if key in new:
+            now = new[key]
+            out[key] = _merged(was, now) if isinstance(was, dict) and isinstance(now, dict) else now
+        else:
+            out[key] = _carried(was)
+    return out
+
+
+def _carried(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _carried(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
+
+
+def _deliver(
+    results: list[tuple[ReadCallback, Answer]], done: list[tuple[ReadCallback, str, str]]
+) -> None:
+    """Hand answers and failures to their callbacks, grouped so each runs once per pass."""
     groups: dict[int, tuple[ReadCallback, list[Answer]]] = {}
+    for cb, answer in results:
+        groups.setdefault(id(cb), (cb, []))[1].append(answer)
     for cb, name, reason in done:
         groups.setdefault(id(cb), (cb, []))[1].append((name, None, None, reason))
     for cb, answers in groups.values():

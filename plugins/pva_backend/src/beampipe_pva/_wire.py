@@ -175,12 +175,26 @@ def _close_all(ops: list[Any]) -> None:
 
 
 class _Flight:
-    __slots__ = ("complete", "deadline", "done", "lock", "native", "ops", "results", "want")
+    __slots__ = (
+        "complete",
+        "deadline",
+        "done",
+        "keys",
+        "lock",
+        "native",
+        "ops",
+        "results",
+        "want",
+    )
 
     def __init__(
-        self, want: int, complete: Callable[[Mapping[Any, Outcome[Any]]], None], deadline: float
+        self,
+        keys: list[str],
+        complete: Callable[[Mapping[Any, Outcome[Any]]], None],
+        deadline: float,
     ) -> None:
-        self.want = want
+        self.keys = keys
+        self.want = len(keys)
         self.complete = complete
         self.results: dict[str, Outcome[Any]] = {}
         self.ops: dict[str, Any] = {}
@@ -288,7 +302,7 @@ class PvaGetIO:
         deadline = batch.deadline if batch.deadline > now else now + 0.001
         # Finish a little before the callers give up, so answers that did come are delivered.
         deadline -= min(0.05, 0.1 * (deadline - now))
-        flight = _Flight(len(batch.keys), complete, deadline)
+        flight = _Flight(list(batch.keys), complete, deadline)
         with self._lock:
             self._flights[batch.id] = flight
         decoded = batch.op == OP_VALUE
@@ -443,12 +457,16 @@ class PvaGetIO:
                 ops = list(flight.ops.items())
                 flight.ops.clear()
                 waited = now - flight.deadline
-                for name, _op in ops:
-                    if name not in flight.results:
-                        flight.results[name] = Failed(
-                            f"{name}: no answer in time (unknown PV, or its server is down)"
-                            + (f", {waited:.2f}s late" if waited > 1 else "")
-                        )
+                late = f", {waited:.2f}s late" if waited > 1 else ""
+                on_p4p = {name for name, _op in ops}
+                for name in flight.keys:
+                    if name in flight.results:
+                        continue
+                    if name in on_p4p:
+                        reason = "no answer in time (unknown PV, or its server is down)"
+                    else:  # an EXEC of its persistent GET went out on a connected circuit
+                        reason = "no answer in time to its native GET (the server is slow or hung)"
+                    flight.results[name] = Failed(f"{name}: {reason}{late}")
             _close_all([op for _, op in ops])
             flight.complete(flight.results)
             _connect_natively(flight)
