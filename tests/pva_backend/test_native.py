@@ -483,7 +483,7 @@ _LEAVES = (
 )
 
 
-def _full_scalar_type() -> bytes:
+def _full_scalar_type(array: bool = False) -> bytes:
     def struct_of(tid: str, fields: list[tuple[str, bytes]]) -> bytes:
         out = b"\x80" + C.encode_string(tid) + C.encode_size(len(fields))
         return out + b"".join(C.encode_string(n) + t for n, t in fields)
@@ -493,9 +493,9 @@ def _full_scalar_type() -> bytes:
         "time_t",
         [("secondsPastEpoch", b"\x23"), ("nanoseconds", b"\x22"), ("userTag", b"\x22")],
     )
-    return struct_of(
-        "epics:nt/NTScalar:1.0", [("value", b"\x43"), ("alarm", alarm), ("timeStamp", stamp)]
-    )
+    nt = "epics:nt/NTScalarArray:1.0" if array else "epics:nt/NTScalar:1.0"
+    value = b"\x4b" if array else b"\x43"  # double[] / double
+    return struct_of(nt, [("value", value), ("alarm", alarm), ("timeStamp", stamp)])
 
 
 class DeltaServer(ScriptedServer):
@@ -503,10 +503,11 @@ class DeltaServer(ScriptedServer):
     EXEC, then only the leaves that changed since that operation's previous reply, an empty
     bitset if none did.  ``record`` is the PV; the test changes it between reads."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name, [(_full_scalar_type(), lambda: None)])
+    def __init__(self, name: str, array: bool = False) -> None:
+        super().__init__(name, [(_full_scalar_type(array), lambda: None)])
+        self.leaves = ((1, "value", "ad"), *_LEAVES[1:]) if array else _LEAVES
         self.record: dict[str, Any] = {
-            "value": 4.5,
+            "value": [1.0, 2.0, 3.0] if array else 4.5,
             "alarm.severity": 1,
             "alarm.status": 3,
             "alarm.message": "HIGH",
@@ -522,16 +523,21 @@ class DeltaServer(ScriptedServer):
         last = self.sent.get(ioid)
         self.sent[ioid] = now
         if last is None:
-            mask, leaves = 1, _LEAVES
+            mask, leaves = 1, self.leaves
         else:
-            leaves = tuple(leaf for leaf in _LEAVES if now[leaf[1]] != last[leaf[1]])
+            leaves = tuple(leaf for leaf in self.leaves if now[leaf[1]] != last[leaf[1]])
             mask = sum(1 << bit for bit, _p, _f in leaves)
         self.replies.append({p for _b, p, _f in leaves})
         raw = mask.to_bytes((mask.bit_length() + 7) // 8, "little")
         out = C.encode_size(len(raw)) + raw
         for _bit, path, fmt in leaves:
             v = now[path]
-            out += C.encode_string(v) if fmt == "s" else struct.pack("<" + fmt, v)
+            if fmt == "s":
+                out += C.encode_string(v)
+            elif fmt == "ad":
+                out += C.encode_size(len(v)) + struct.pack(f"<{len(v)}d", *v)
+            else:
+                out += struct.pack("<" + fmt, v)
         return out
 
     def _serve(
@@ -579,15 +585,24 @@ def test_delta_replies_are_merged_into_the_previous_copy(monkeypatch) -> None:
         assert raw["timeStamp.nanoseconds"] == 5 and raw["alarm.status"] == 3
 
 
-def test_a_delta_does_not_change_an_array_a_caller_holds() -> None:
-    """The merged copy carries unchanged arrays over as copies, so a caller that changed the
-    array it got does not change what the next read returns."""
-    old = {"value": np.arange(3.0), "alarm": {"severity": 0}, "names": ["a"]}
-    merged = _native._merged(old, {"alarm": {"severity": 2}})
-    old["value"][0] = 99.0
-    old["names"].append("b")
-    np.testing.assert_array_equal(merged["value"], [0.0, 1.0, 2.0])
-    assert merged == {"value": merged["value"], "alarm": {"severity": 2}, "names": ["a"]}
+def test_an_array_a_caller_changed_is_not_what_a_delta_read_returns(monkeypatch) -> None:
+    """Unchanged fields are carried over from the previous reply: bulk_get hands out copies,
+    so a caller that changes its array in place does not change the next read."""
+    name = "DELTA:wf"
+    with DeltaServer(name, array=True) as server:
+        beampipe_pva.close_context()
+        monkeypatch.setattr(_native, "search_addresses", lambda *a: [server.search_address])
+        deadline = time.monotonic() + 10
+        while beampipe_pva.native_state(name) != "ready":
+            assert time.monotonic() < deadline, beampipe_pva.native_state(name)
+            beampipe_pva.bulk_get_raw([name], timeout=0.2)
+        mine = beampipe_pva.bulk_get([name])[name]
+        np.testing.assert_array_equal(mine, [1.0, 2.0, 3.0])
+        mine[0] = 99.0  # e.g. a background subtracted in place
+        server.record["timeStamp.nanoseconds"] = 5
+        again = beampipe_pva.bulk_get([name])[name]
+        assert server.replies[-1] == {"timeStamp.nanoseconds"}
+        np.testing.assert_array_equal(again, [1.0, 2.0, 3.0])
 
 
 # --- faults on the I/O thread ------------------------------------------------------------

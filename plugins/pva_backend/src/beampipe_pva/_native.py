@@ -22,8 +22,8 @@ which already reports them properly.
 Delta replies: a server may answer a re-EXECed GET with only the fields that
 changed since its last reply on that operation (pvDatabase does: everything
 first, then what changed, an empty bitset if nothing did).  Each GET keeps
-the last complete copy of its fields and merges every reply into it; a read
-is answered from the merged copy, never from defaults.
+its fields as of its last reply and merges every reply into them; a read is
+answered from the merged copy, never from defaults.
 
 Faults: a lost circuit fails its reads in flight (None with the reason) and
 puts its channels back to searching; a reconnect INITs again, so a PV whose
@@ -50,8 +50,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-
 from . import _codec as C
 
 __all__ = ["OP_VALUE", "OP_WHOLE", "Answer", "NativeReader", "ReadCallback", "search_addresses"]
@@ -72,7 +70,7 @@ _ECHO_EVERY = 15.0
 _CIRCUIT_IDLE = 60.0
 _STUCK = 5.0  # an EXEC unanswered this long marks its channel as broken
 #: A server whose circuit failed (refused, lost before serving a read, malformed messages) is
-#: not connected to again for _SERVER_HOLD[min(failures, len - 1)] s; after _SERVER_GIVE_UP
+#: not connected to again for _SERVER_HOLD[min(failures - 1, len - 1)] s; after _SERVER_GIVE_UP
 #: failures in a row the channels that found it are marked failed (p4p serves them).
 _SERVER_HOLD = (0.05, 0.5, 2.0, 5.0, 15.0, 30.0)
 _SERVER_GIVE_UP = 4
@@ -731,6 +729,7 @@ class NativeReader:
             get.state = "ready"
         if ch.state == "init" and all(g.state != "init" for g in ch.ops.values()):
             self._set_state(ch, "ready")
+            ch.failed_rounds = 0  # served: a later failure starts the hold-offs from the start
 
     def _answer(self, get: _Op, done: list[tuple[ReadCallback, str, str]], error: str) -> None:
         head = get.queue.popleft() if get.queue else None
@@ -874,27 +873,14 @@ def _stuck_reason(name: str) -> str:
 def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old`` with the fields of ``new`` (a delta) put in, as a new dict (old is not changed).
 
-    Values carried over from ``old`` are copied if mutable (arrays, lists): the caller of
-    the previous read may hold and change them.
+    Values carried over are shared with the previous answer: no caller changes an answer
+    (p4p Values are built from it, decoded arrays and tables are copied out, see _wire).
     """
-    out: dict[str, Any] = {}
-    for key, was in old.items():
-        if key in new:
-            now = new[key]
-            out[key] = _merged(was, now) if isinstance(was, dict) and isinstance(now, dict) else now
-        else:
-            out[key] = _carried(was)
+    out = dict(old)
+    for key, now in new.items():
+        was = old.get(key)
+        out[key] = _merged(was, now) if isinstance(was, dict) and isinstance(now, dict) else now
     return out
-
-
-def _carried(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _carried(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    return value
 
 
 def _deliver(

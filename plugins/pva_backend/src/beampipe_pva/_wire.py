@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 from beampipe import Batch, Coalescer, Failed, Ok, Outcome
 
 from ._decode import decode, decode_fields
@@ -378,7 +380,8 @@ class PvaGetIO:
                     continue
                 try:
                     if decoded:
-                        outcomes.append((name, Ok(decode_fields(desc, fields, name))))
+                        value = _own(decode_fields(desc, fields, name))
+                        outcomes.append((name, Ok(value)))
                     else:
                         outcomes.append((name, Ok(desc.p4p_value(fields))))
                 except (ValueError, TypeError, KeyError) as exc:
@@ -485,6 +488,18 @@ class PvaGetIO:
                 flight.done = True
             _close_all(ops)
         self._house.drain()
+
+
+def _own(value: Any) -> Any:
+    """A decoded native value the caller may change: arrays, lists and tables are copied out
+    of the native reader's fields, which later delta replies are merged into."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _own(v) for k, v in value.items()}
+    return value
 
 
 def _connect_natively(flight: _Flight) -> None:
