@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 _check(beampipe_pva.bulk_get(scalars + waves), scalars + waves)
                 _check(dict(zip(scalars, ctx.get(scalars), strict=True)), scalars)
-                valued = ctx.get(scalars, request=VALUE_ONLY)
+                valued = ctx.get(scalars, request=[VALUE_ONLY] * len(scalars))
                 _check(dict(zip(scalars, valued, strict=True)), scalars)
                 _check(dict(zip(waves, p4p_raw_get(rctx, waves), strict=True)), waves)
                 _bench_reads(table, reps, scalars, waves, ctx, rctx)
@@ -213,7 +213,7 @@ def _bench_reads(
             {
                 "ours": lambda n=names: ours(n),
                 "list": lambda n=names: ctx.get(n),
-                "list-value": lambda n=names: ctx.get(n, request=VALUE_ONLY),
+                "list-value": lambda n=names: ctx.get(n, request=[VALUE_ONLY] * len(n)),
                 "raw": lambda n=names: p4p_raw_get(rctx, n),
                 "p4p-path": lambda n=names: via_p4p(n),
                 "ours-raw": lambda n=names: beampipe_pva.bulk_get_raw(n),
