@@ -459,3 +459,30 @@ def test_a_blocked_every_reader_times_out_keeping_its_last_frame(shm_name: str) 
         from beampipe_shm import _layout as L
 
         assert r._rw[L.R_WAITING] == 0  # not asleep: the producer must not keep waking us
+
+
+def test_an_exception_in_the_blocked_read_into_leaves_the_counters_right(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while read_into sleeps: the frame counted ahead is taken back and the waiting
+    flag cleared, so the producer stops waking a reader that no longer sleeps."""
+    from beampipe_shm import _layout as L
+    from beampipe_shm import _reader
+
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+
+    with (
+        Producer(shm_name, [IMG]) as p,
+        Reader(shm_name, mode="every", start="next", spin=0.0) as r,
+    ):
+        buf = np.zeros(IMG.shape, np.uint16)
+        fill(p, 1)
+        assert r.read_into(buf, timeout=0) == 1
+        monkeypatch.setattr(_reader, "futex_syscall", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            r.read_into(buf, timeout=5.0)
+        assert r.stats.frames == 1 and r._rw[L.R_WAITING] == 0
+        monkeypatch.undo()
+        fill(p, 2)
+        assert r.read_into(buf, timeout=5.0) == 2 and r.stats.frames == 2

@@ -643,22 +643,28 @@ class Reader:
                     st.frames = count
                     beat = not count & 31
                     args = futex_wait_args(self._notify_addr, v, wait_s)
-                    futex_syscall(*args)
-                    if words[sw] == s:  # the frame after ours, in our last slot
-                        if weak:
-                            load_fence()
-                        d0[:] = s0
-                        mt[:] = meta
-                        if weak:
-                            load_fence()  # the copies before the re-check of the sequence
-                        if words[sw] == s:
-                            self._last = n
-                            if missed:
-                                self.last_missed = 0
-                            if beat:
-                                self._beat_due()
-                            return n
-                        st.torn += 1
+                    try:  # (free in 3.11 unless raised)
+                        futex_syscall(*args)
+                        if words[sw] == s:  # the frame after ours, in our last slot
+                            if weak:
+                                load_fence()
+                            d0[:] = s0
+                            mt[:] = meta
+                            if weak:
+                                load_fence()  # the copies before the re-check of the sequence
+                            if words[sw] == s:
+                                self._last = n
+                                if missed:
+                                    self.last_missed = 0
+                                if beat:
+                                    self._beat_due()
+                                return n
+                            st.torn += 1
+                    except BaseException:  # a signal's exception (Ctrl-C) during the sleep
+                        if self._last != n:
+                            st.frames = count - 1
+                        self._rw[2] = 0  # L.R_WAITING
+                        raise
                     st.frames = count - 1
                     n = self._into_fast()
                     if n >= 0:
