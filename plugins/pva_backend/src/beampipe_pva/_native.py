@@ -229,6 +229,7 @@ class NativeReader:
         self._circuits: dict[tuple[str, int], _Circuit] = {}
         #: server address -> (circuit failures in a row, no new circuit before this time)
         self._server_fails: dict[tuple[str, int], tuple[int, float]] = {}
+        self._stuck_check_at = 0.0
         self._next_id = 1
         self._search_seq = 0
         self._thread: threading.Thread | None = None
@@ -439,16 +440,22 @@ class NativeReader:
     def _keepalive(self, now: float, done: list[tuple[ReadCallback, str, str]]) -> None:
         """With the lock held: echo on quiet circuits, close the ones no read uses any more,
         reset channels whose GET the server has left unanswered."""
+        # Looking for stuck GETs walks every operation: not on every pass (a batch's replies
+        # come in several), a few times per _STUCK.
+        check_stuck = now >= self._stuck_check_at
+        if check_stuck:
+            self._stuck_check_at = now + _STUCK / 4
         for circuit in list(self._circuits.values()):
             if circuit.state != "ready":
                 continue
-            stuck = {
-                op.channel
-                for op in circuit.by_ioid.values()
-                if op.busy and now - op.sent_at > _STUCK
-            }
-            for ch in stuck:
-                self._reset_channel(ch, _stuck_reason(ch.name), done)
+            if check_stuck:
+                stuck = {
+                    op.channel
+                    for op in circuit.by_ioid.values()
+                    if op.busy and now - op.sent_at > _STUCK
+                }
+                for ch in stuck:
+                    self._reset_channel(ch, _stuck_reason(ch.name), done)
             idle = not any(op.busy for op in circuit.by_ioid.values())
             if idle and now - circuit.last_used > _CIRCUIT_IDLE:
                 channels = list(circuit.by_cid.values())
