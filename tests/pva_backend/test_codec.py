@@ -299,3 +299,22 @@ def test_p4p_type_and_value_match_the_wire_type() -> None:
     assert value.getID() == "epics:nt/NTScalar:1.0"
     assert value["value"] == 2.0 and value["alarm.severity"] == 1
     assert value["units"] == ""  # not sent: the default, as p4p itself would show
+
+
+def test_decoding_native_fields_never_fills_in_defaults() -> None:
+    """A field missing after the reader's merge is a failed read naming the PV, not 0 or ''."""
+    from beampipe_pva._decode import DecodeError, decode_fields
+
+    scalar = desc_of(NTSCALAR)
+    assert decode_fields(scalar, {"value": 2.5}, "A:x") == 2.5
+    with pytest.raises(DecodeError, match=r"pva://A:x: .*reply holds no 'value'"):
+        decode_fields(scalar, {"alarm": {"severity": 0}}, "A:x")
+    enum_value = struct_type("enum_t", [("index", INT), ("choices", STRING_ARRAY)])
+    enum = desc_of(struct_type("epics:nt/NTEnum:1.0", [("value", enum_value)]))
+    assert decode_fields(enum, {"value": {"index": 1, "choices": ["a", "b"]}}, "E:x") == "b"
+    with pytest.raises(DecodeError, match="pva://E:x: NTEnum value without index and choices"):
+        decode_fields(enum, {"value": {"index": 1}}, "E:x")
+    columns = struct_type("", [("a", DOUBLE_ARRAY), ("b", DOUBLE_ARRAY)])
+    table = desc_of(struct_type("epics:nt/NTTable:1.0", [("value", columns)]))
+    with pytest.raises(DecodeError, match=r"pva://T:x: NTTable reply has columns \['a'\]"):
+        decode_fields(table, {"value": {"a": np.zeros(2)}}, "T:x")
