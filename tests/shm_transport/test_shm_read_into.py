@@ -409,6 +409,19 @@ def test_a_blocked_every_reader_takes_each_frame_on_the_flat_path(
             assert r.read_into(buf, timeout=0) == v
         assert r._rw[L.R_WAITING] == 0  # ...and cleared by the fast path's bookkeeping
         assert r._rw[L.R_LAST_SEQ] == 45 and r.stats.frames == 45
+        timer = threading.Timer(0.03, fill, (p, 46))
+        timer.start()
+        try:
+            assert r.read_into(buf, timeout=5.0) == 46
+        finally:
+            timer.join()
+        assert r._rw[L.R_WAITING] == 1
+        for v in range(47, 47 + 40):  # a reader that goes on with read(): the same
+            fill(p, v)
+            f = r.read(timeout=0)
+            assert f is not None and f.seq == v
+            f.release()
+        assert r._rw[L.R_WAITING] == 0 and r.stats.frames == 86
 
 
 def test_a_blocked_every_reader_that_fell_behind_counts_the_gap(

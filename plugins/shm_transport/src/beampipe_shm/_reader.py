@@ -1139,6 +1139,7 @@ class Reader:
                 self._beat_count -= 1
                 if self._beat_count <= 0:  # idle paths beat too; a busy one every 32 frames
                     self._beat_count = 32
+                    rw[2] = 0  # L.R_WAITING, as a wake-up of the blocked read_into leaves it
                     now = time.monotonic_ns()
                     if now >= self._next_beat:
                         self._beat(now)
