@@ -23,7 +23,9 @@ from ._errors import FrameTooLarge, NameInUse, SchemaMismatch
 from ._sys import (
     WEAK_ORDER,
     fence,
+    futex_syscall,
     futex_wake,
+    futex_wake_args,
     lock_held_by_other,
     store_fence,
     try_lock,
@@ -121,7 +123,8 @@ class WritableFrame:
     ) -> None:
         if exc_type is None:
             if not self._done:  # (unless publish() was called inside the block)
-                self.publish()
+                self._done = True  # (publish(), inlined: one frame less after the wake-up)
+                self._producer._commit(self, self.timestamp)
         else:
             self.abort()
 
@@ -196,6 +199,9 @@ class Producer:
             self._discard()
             raise
         self._notify_addr = int(np.frombuffer(self._mm, np.uint8).ctypes.data) + L.NOTIFY_OFFSET
+        #: the commit's FUTEX_WAKE, arguments made once: no Python call around the syscall
+        #: (a reader woken onto this CPU runs when we block again, so what follows counts too)
+        self._wake_args = futex_wake_args(self._notify_addr)
         # from here on the segment is removed however the producer goes: close(), garbage
         # collection, interpreter exit, or an error in the rest of this constructor
         self._finalizer = weakref.finalize(
@@ -640,7 +646,7 @@ class Producer:
         self._last_ns = now
         w[L.H_PUBLISH_NS] = now
         self._f64[L.H_RATE] = self._rate
-        waiting, nobody, notify_addr = self._waiting, self._nobody_waits, self._notify_addr
+        waiting, nobody, wake_args = self._waiting, self._nobody_waits, self._wake_args
         notify = (w[23] + 1) & 0xFFFFFFFF  # L.H_NOTIFY (only the producer writes it)
         if WEAK_ORDER:
             w[sw + L.S_PUBLISH_NS] = time.monotonic_ns()
@@ -657,7 +663,7 @@ class Producer:
         # (flags are 0 or 1, so even a byte-wise copy of one reads it right; a dead reader's
         # stale flag costs one spurious wake)
         if waiting.tobytes() != nobody:
-            futex_wake(notify_addr)
+            futex_syscall(*wake_args)
         return seq
 
     def _abort(self, f: WritableFrame) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "futex_wait",
     "futex_wait_args",
     "futex_wake",
+    "futex_wake_args",
     "load_fence",
     "lock_held_by_other",
     "release_fence",
@@ -147,6 +148,12 @@ def futex_wait_args(addr: int, expected: int, timeout: float) -> tuple[object, .
         None,
         0,
     )
+
+
+def futex_wake_args(addr: int) -> tuple[object, ...]:
+    """``futex_syscall(*futex_wake_args(addr))`` is ``futex_wake(addr)``; the tuple never
+    changes, so a producer makes it once."""
+    return (_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
 
 
 def futex_wake(addr: int) -> int:
