@@ -16,15 +16,16 @@ cycling through 64 MiB), the reader's own pattern (a 4-slot ring of sources into
 reused destination, as `read_into(buf)` does) and that pattern while another process
 does the producer's fill, which is what the copy-out run really competes with.
 
-Latency: 64-byte frames, one every 200 us (busy-polling reader) or 2 ms
-(blocked reader, asleep in the kernel), measured from the producer's
-monotonic clock stamp taken just before it publishes (and from its commit) to
-the moment the reader has the frame: `read_into` (fast path) and `read()`
-(a Frame).  The bare futex wake-up (same ctypes call, no protocol) is the
-floor for the blocked case: it is measured interleaved with the blocked reader,
-wake-up by wake-up between the same two processes, so the ratio is like for like;
-a pair of processes still has its own offset (+-15% at every quantile with the same
-code, 0.9-1.35x seen), so there are 5 such pairs and the one with the median ratio is shown.
+Latency: 64-byte frames, one every 200 us (busy-polling reader) or 2 ms (blocked reader,
+asleep in the kernel), measured from the producer's monotonic clock stamp taken just
+before it publishes (and from its commit) to the moment the reader has the frame:
+`read_into` (fast path) and `read()` (a Frame). The bare futex wake-up (the same raw
+ctypes syscalls with arguments made in advance, as the transport makes them; no
+protocol) is the floor for the blocked case: it is measured interleaved with the blocked
+reader, wake-up by wake-up between the same two processes, so the ratio is like for
+like; a pair of processes still has its own offset (0.9-1.4x with the same code, at
+every quantile alike), so there are 5 such pairs and the one with the median ratio is
+shown.
 A tight loop on one shared word is CPython's floor for the busy one, interleaved the
 same way with the spinning `read_into`.
 
@@ -379,7 +380,9 @@ def block_reader(name: str, path: str, into: bool, ready: Any, out: Any) -> None
     while True:
         if not expect & 1:  # bare futex round: w[0] = round + 1
             while w[0] == seen:
-                _sys.futex_wait(addr, seen, 3.0)
+                # the raw syscall, arguments made before the sleep, as read_into does: the
+                # floor must not carry a Python call the transport does not make
+                _sys.futex_syscall(*_sys.futex_wait_args(addr, seen, 3.0))
                 if w[0] == seen and w[2]:
                     break
             now = mono()
@@ -438,12 +441,14 @@ def bench_block_vs_futex(
         assert ev.wait(30)
         time.sleep(0.2)
 
+        wake_args = _sys.futex_wake_args(addr)  # (made once, as the producer does)
+
         def send(i: int) -> None:
             if not i & 1:
                 w[1] = time.monotonic_ns()
                 w[0] = i + 1
                 _sys.fence()
-                _sys.futex_wake(addr)
+                _sys.futex_syscall(*wake_args)
                 return
             t = time.monotonic_ns()
             with p.frame() as f:
