@@ -499,3 +499,37 @@ def test_an_exception_in_the_blocked_read_into_leaves_the_counters_right(
         monkeypatch.undo()
         fill(p, 2)
         assert r.read_into(buf, timeout=5.0) == 2 and r.stats.frames == 2
+
+
+def test_a_torn_copy_leaves_no_other_frames_metadata(shm_name: str) -> None:
+    """read_into copies the metadata before its sequence re-check; when the re-check finds the
+    slot reclaimed (torn), the reader must not report the torn frame's id as the last frame."""
+    spec = StreamSpec("img", "uint16", (8, 6))
+    with Producer(shm_name, [spec], slots=3) as p, Reader(shm_name) as r:
+        buf = np.zeros(spec.shape, np.uint16)
+        with p.frame(frame_id=11) as f:
+            f["img"][...] = 1
+        assert r.read_into(buf, timeout=0) == 1
+        assert r.last_frame_id == 11
+        with p.frame(frame_id=22) as f:
+            f["img"][...] = 2
+        k = p._latest_k
+
+        class Racing:  # the producer claims the slot for frame 3 in the middle of the copy
+            def __init__(self, inner: np.ndarray) -> None:
+                self.inner = inner
+
+            def __setitem__(self, key: object, value: object) -> None:
+                self.inner[key] = value
+                p._words[p._slot_word[k]] = 2 * 3 - 1
+
+        sw, copies, meta = r._into_slots[k]
+        r._into_slots[k] = (sw, [(Racing(d), s) for d, s in copies], meta)
+        assert r.read_into(buf, timeout=0) == 0
+        assert r.stats.torn == 1
+        with pytest.raises(RuntimeError, match=f"{shm_name}.*torn"):
+            r.last_frame_id  # noqa: B018
+        p._words[p._slot_word[k]] = 2 * 2  # frame 2's sequence back: the next read delivers it
+        r._into_slots[k] = (sw, copies, meta)
+        assert r.read_into(buf, timeout=0) == 2
+        assert r.last_frame_id == 22 and (buf == 2).all()

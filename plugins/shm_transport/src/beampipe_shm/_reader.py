@@ -51,6 +51,9 @@ _BEAT_NS = 10_000_000
 _SECONDS = frozenset((int, float))
 #: slot words S_FRAME_ID, S_TIMESTAMP, S_PUBLISH_NS (contiguous): what read_into copies
 _META = struct.Struct("QdQ")
+#: What the last-frame metadata holds after a torn copy (no producer writes it: its publish_ns
+#: would be 2**64-1): the copy overwrote the metadata of the frame delivered before.
+_TORN_META = b"\xff" * _META.size
 _META_OFF = L.S_FRAME_ID * 8
 
 
@@ -660,6 +663,7 @@ class Reader:
                                     self._beat_due()
                                 return n
                             st.torn += 1
+                            mt[:] = _TORN_META
                     except BaseException:  # a signal's exception (Ctrl-C) during the sleep
                         if self._last != n:
                             st.frames = count - 1
@@ -788,6 +792,7 @@ class Reader:
             load_fence()  # the copies before the re-check of the sequence
         if words[sw] != s:
             self.stats.torn += 1
+            self._meta[:] = _TORN_META
             return 0
         # (_delivered, inlined: a call is ~0.1 us of a budget of a few tenths)
         self._last = n
@@ -868,6 +873,7 @@ class Reader:
                             self._beat_due()
                         return n
                     st.torn += 1
+                    mt[:] = _TORN_META
                     break
                 if words[16] != latest:
                     break
@@ -944,20 +950,30 @@ class Reader:
                 self._beat(now)
         return n
 
+    def _last_meta(self) -> tuple[int, float, int]:
+        # The copy path writes the metadata before its sequence re-check (one copy, no
+        # temporary, on the hot path); a torn copy marks it, so it is never another frame's.
+        if self._meta == _TORN_META:
+            raise RuntimeError(
+                f"stream {self.name!r}: the last read_into saw its frame overwritten while "
+                "copying (torn, returned 0): `out` and its metadata hold no frame"
+            )
+        return _META.unpack(self._meta)
+
     @property
     def last_frame_id(self) -> int:
-        """Frame id of the last frame ``read_into`` delivered."""
-        return _i64(int(_META.unpack(self._meta)[0]))
+        """Frame id of the frame in ``out`` after a ``read_into`` that returned > 0."""
+        return _i64(int(self._last_meta()[0]))
 
     @property
     def last_timestamp(self) -> float:
-        """Timestamp (epoch seconds) of the last frame ``read_into`` delivered."""
-        return float(_META.unpack(self._meta)[1])
+        """Timestamp (epoch seconds) of the frame in ``out``, as ``last_frame_id``."""
+        return float(self._last_meta()[1])
 
     @property
     def last_publish_ns(self) -> int:
-        """``time.monotonic_ns()`` at which the producer published the last frame delivered."""
-        return int(_META.unpack(self._meta)[2])
+        """``time.monotonic_ns()`` at which the producer published the frame in ``out``."""
+        return int(self._last_meta()[2])
 
     def _check_out(self, out: Mapping[str, np.ndarray[Any, Any]]) -> None:
         for n, a in out.items():
@@ -1094,6 +1110,7 @@ class Reader:
                         self._beat_due()
                     return n
                 st.torn += 1
+                mt[:] = _TORN_META
             if fast:
                 n = self._into_fast()
                 if n > 0:
