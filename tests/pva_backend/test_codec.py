@@ -291,6 +291,10 @@ def test_search_round_trip() -> None:
     reply = C.parse_search_response(C.message(C.CMD_SEARCH_RESPONSE, anywhere), "10.0.0.5")
     assert reply is not None and reply.host == "10.0.0.5"  # "any" means: where it came from
     assert C.parse_search_response(C.message(C.CMD_SEARCH, b""), "x") is None
+    # A datagram whose protocol string runs past its end (anyone on the subnet can send one)
+    # is ignored, not an error that would reach the reader's I/O thread.
+    cut = b"G" * 12 + struct.pack("<I", 9) + addr + struct.pack("<H", 5075) + b"\x20tc"
+    assert C.parse_search_response(C.message(C.CMD_SEARCH_RESPONSE, cut), "x") is None
 
 
 def test_p4p_type_and_value_match_the_wire_type() -> None:

@@ -650,6 +650,8 @@ def test_an_unexpected_error_on_the_io_thread_fails_reads_and_restarts(
     with ScriptedServer(name, [answer]) as server:
         reader = reader_for(server)
         _wait_ready(reader, name)
+        crashed = reader._thread
+        assert crashed is not None
 
         def broken(get: Any, reply: Any) -> Any:
             raise RuntimeError("a bug in the reader")
@@ -659,13 +661,13 @@ def test_an_unexpected_error_on_the_io_thread_fails_reads_and_restarts(
         assert value is None and error is not None
         assert name in error and "RuntimeError: a bug in the reader" in error
         assert any("I/O thread failed" in r.message for r in caplog.records)
-        deadline = time.monotonic() + 5
-        while reader._thread is not None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert reader.state(name) == "search"
+        crashed.join(5)
+        assert not crashed.is_alive()
+        # its channel went back to searching, and a new I/O thread took that search over at
+        # once (no read or want() needed to start it)
+        assert reader._thread is not None and reader._thread is not crashed
         monkeypatch.undo()
-        _wait_ready(reader, name)  # want() starts a new I/O thread
+        _wait_ready(reader, name)
         assert _read(reader, name) == (2.0, None)
 
 
@@ -807,3 +809,28 @@ def test_search_asks_no_reply_for_names_a_server_does_not_have() -> None:
     finally:
         udp.close()
         server.stop()
+
+
+def test_fields_first_sent_in_a_later_reply_survive_a_reply_with_the_first_bitset() -> None:
+    """A first reply with only value, a delta adding alarm, then value alone again: the copy
+    keeps alarm (the server says it has not changed), it is not cut back to the first shape."""
+    from types import SimpleNamespace
+
+    from beampipe_pva._native import NativeReader
+
+    get = SimpleNamespace(last=None, base_bits=None)
+    alarm = {"severity": 1, "status": 0, "message": "HIGH"}
+
+    def reply(value: dict, bits: bytes, complete: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(value=value, bits=bits, complete=complete)
+
+    assert NativeReader._merge(get, reply({"value": 1.0}, b"\x02")) == {"value": 1.0}
+    merged = NativeReader._merge(get, reply({"value": 2.0, "alarm": alarm}, b"\x06"))
+    assert merged == {"value": 2.0, "alarm": alarm}
+    assert NativeReader._merge(get, reply({"value": 3.0}, b"\x02")) == {
+        "value": 3.0,
+        "alarm": alarm,
+    }
+    assert NativeReader._merge(get, reply({}, b"")) == {"value": 3.0, "alarm": alarm}
+    # a complete reply sets the shape again
+    assert NativeReader._merge(get, reply({"value": 4.0}, b"\x02", complete=True)) == {"value": 4.0}

@@ -803,8 +803,8 @@ def parse_search_response(data: bytes, source_host: str) -> SearchReply | None:
         found = bool(data[pos])
         (count,) = struct.unpack_from(order + "H", data, pos + 1)
         cids = struct.unpack_from(order + f"{count}I", data, pos + 3)
-    except (IndexError, struct.error):
-        return None
+    except (IndexError, struct.error, ValueError):  # (ProtocolError is a ValueError)
+        return None  # a truncated datagram from anyone on the subnet: not ours to act on
     if proto != "tcp":
         return None
     v4 = addr[12:16]

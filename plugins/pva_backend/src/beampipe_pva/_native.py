@@ -129,9 +129,10 @@ class _Op:
         self.ioid = ioid
         self.keep = _OP_KEEP[kind]
         #: the fields as of the last reply (delta replies are merged in), and the bitset of
-        #: the reply that set its shape (a reply with the same bitset replaces it whole)
+        #: the reply that set its shape (a reply with the same bitset replaces it whole);
+        #: None once a merge added fields, until the next complete reply
         self.last: dict[str, Any] | None = None
-        self.base_bits = b""
+        self.base_bits: bytes | None = None
         self.state = "init"  # -> ready, or failed (the server refused it / a type we cannot parse)
         self.desc: C.FieldDesc | None = None
         self.exec_msg = b""
@@ -391,6 +392,12 @@ class NativeReader:
                     self._drop_circuit(circuit, reason, done, restart=False)
                 for ch in self._channels.values():
                     self._fail_reads(ch, f"{ch.name}: {reason}", done)
+                # this thread is finished: a want() or read from now on starts a new one
+                # instead of waking this one, and searches already pending get one now
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                if self._pending:
+                    self._ensure_thread()
         finally:
             _deliver([], done)
 
@@ -459,7 +466,7 @@ class NativeReader:
             idle = not any(op.busy for op in circuit.by_ioid.values())
             if idle and now - circuit.last_used > _CIRCUIT_IDLE:
                 channels = list(circuit.by_cid.values())
-                self._drop_circuit(circuit, "closed after idling", done)
+                self._drop_circuit(circuit, "closed after idling", done, idle=True)
                 for ch in channels:
                     self._forget(ch)
             elif now - circuit.last_tx > _ECHO_EVERY:
@@ -640,7 +647,9 @@ class NativeReader:
                 return
             if reply.init:
                 self._on_init(get, reply)
-                circuit.good = circuit.good or get.state == "ready"
+                if not circuit.good and get.state == "ready":
+                    circuit.good = True  # the server serves: its earlier strikes are spent
+                    self._server_fails.pop(circuit.addr, None)
             elif reply.error is not None:
                 self._answer(get, done, reply.error)
             else:
@@ -718,6 +727,7 @@ class NativeReader:
             get.last = value
         else:
             get.last = _merged(last, value)
+            get.base_bits = None  # the copy now holds more than any one bitset says
         return get.last
 
     def _on_init(self, get: _Op, reply: C.GetReply) -> None:
@@ -796,13 +806,14 @@ class NativeReader:
         *,
         restart: bool = True,
         fault: bool = False,
+        idle: bool = False,
     ) -> None:
         """With the lock held: close it; its reads fail, its channels search again (after a
         hold-off if the server failed: before serving anything, or with a ``fault``)."""
         if self._circuits.get(circuit.addr) is circuit:
             del self._circuits[circuit.addr]
         delay, give_up = 0.05, False
-        if self._closed or (circuit.good and not fault):
+        if self._closed or idle or (circuit.good and not fault):  # (idle: not a strike)
             self._server_fails.pop(circuit.addr, None)
         else:
             delay = self._server_failed(circuit.addr)
