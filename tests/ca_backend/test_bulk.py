@@ -93,7 +93,7 @@ def test_never_written_waveform_is_an_empty_array(ioc):
 
 
 def test_array_replies_after_the_timeout_are_dropped(bank_ioc):
-    """Arrays not in by the deadline fail alone; their late replies change nothing returned."""
+    """Arrays not in by the deadline fail alone; their late replies find no batch to land in."""
     names = [bank_ioc.pv(f"w{i}") for i in range(BANK_SIZE)]
     assert not beampipe_ca.connect(names, timeout=10)
     ctx = context()
@@ -102,11 +102,8 @@ def test_array_replies_after_the_timeout_are_dropped(bank_ioc):
     assert failed, "all 200 waveforms answered within 10 us: the timeout path was not taken"
     for name, why in failed.items():
         assert why == f"{name}: no reply (timed out after 1e-05 s)"
-    kept = {name: value.copy() for name, value in ok.items()}
     time.sleep(0.5)  # the late replies arrive meanwhile
     assert not ctx._array_gets  # the given-up batch is gone; its late replies were dropped
-    for name, value in ok.items():
-        np.testing.assert_array_equal(value, kept[name])
     ok, failed = ctx.read_time_now(names, 10, readings=False)
     assert not failed and len(ok) == BANK_SIZE
 
