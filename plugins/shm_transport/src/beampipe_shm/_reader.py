@@ -807,10 +807,7 @@ class Reader:
         self._beat_count -= 1
         if self._beat_count <= 0:  # frame counters and heartbeat: every 32 frames at most
             self._beat_count = 32
-            self._rw[2] = 0  # L.R_WAITING, as a wake-up of the blocked read_into leaves it
-            now = time.monotonic_ns()
-            if now >= self._next_beat:
-                self._beat(now)
+            self._beat_due()
         return n
 
     def _spin_into(self, spin_end: float) -> int:
@@ -944,10 +941,7 @@ class Reader:
         self._beat_count -= 1
         if self._beat_count <= 0:  # frame counters and heartbeat: every 32 frames at most
             self._beat_count = 32
-            self._rw[2] = 0  # L.R_WAITING, as a wake-up of the blocked read_into leaves it
-            now = time.monotonic_ns()
-            if now >= self._next_beat:
-                self._beat(now)
+            self._beat_due()
         return n
 
     def _last_meta(self) -> tuple[int, float, int]:
@@ -1156,10 +1150,7 @@ class Reader:
                 self._beat_count -= 1
                 if self._beat_count <= 0:  # idle paths beat too; a busy one every 32 frames
                     self._beat_count = 32
-                    rw[2] = 0  # L.R_WAITING, as a wake-up of the blocked read_into leaves it
-                    now = time.monotonic_ns()
-                    if now >= self._next_beat:
-                        self._beat(now)
+                    self._beat_due()
                 return f
         return None
 
