@@ -204,12 +204,16 @@ class Channel:
         "connected",
         "copyable",
         "count",
+        "dead",
         "decoders",
         "generation",
+        "holders",
         "host",
         "listeners",
         "name",
         "native",
+        "pinned",
+        "token",
         "up",
     )
 
@@ -231,6 +235,15 @@ class Channel:
         #: (generation, what) -> (dbrcode, decoder), made once per connection and request kind.
         self.decoders: dict[Hashable, tuple[int, Callable[..., Any]]] = {}
         self.listeners: list[Callable[[Channel, bool], None]] = []
+        #: Asked for through the public calls (bulk reads, connect, ophyd-async): kept for
+        #: the life of the process.  A channel only ``hold``-ers use goes with the last one.
+        self.pinned = False
+        #: ``_Context.hold`` calls not yet released (the ophyd layer's PV objects).
+        self.holders = 0
+        #: Cleared: no request may be queued on its chid any more.
+        self.dead = False
+        #: What libca hands back to the connection callback (``ca_puser``).
+        self.token = 0
 
     @property
     def type_name(self) -> str:
@@ -262,11 +275,12 @@ class ForeignChannel(Channel):
     connection handler is the owner's, we do not get callbacks for it.
     """
 
-    __slots__ = ("dead", "lib")
+    __slots__ = ("lib",)
 
     def __init__(self, key: str, chid: int, lib: ctypes.CDLL) -> None:
         # Not Channel.__init__: type, count, host and generation are live properties here.
         self.name, self.lib, self.dead = key, lib, False
+        self.pinned, self.holders, self.token = False, 0, 0
         self.copyable = False  # read through the callback path only
         self.listeners = []
         self._waiters = []
@@ -387,6 +401,15 @@ class _Context:
             ctypes.c_int, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
         )(("ca_array_get", self.lib))
         self.lib.ca_pend_io.argtypes = [ctypes.c_double]
+        # The same for the getters the connection callbacks call (200 of them in a row for
+        # a Device): each CDLL call would hand the GIL to whichever thread wants it.
+        vp = ctypes.c_void_p
+        self.puser = ctypes.PYFUNCTYPE(vp, vp)(("ca_puser", self.lib))
+        self.field_type = ctypes.PYFUNCTYPE(ctypes.c_short, vp)(("ca_field_type", self.lib))
+        self.element_count = ctypes.PYFUNCTYPE(ctypes.c_ulong, vp)(("ca_element_count", self.lib))
+        self.host_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, vp)(("ca_host_name", self.lib))
+        self.read_access = ctypes.PYFUNCTYPE(ctypes.c_uint, vp)(("ca_read_access", self.lib))
+        self.write_access = ctypes.PYFUNCTYPE(ctypes.c_uint, vp)(("ca_write_access", self.lib))
         self._pend_lock = threading.Lock()
         self._pend_buffers: dict[tuple[int, int], tuple[np.ndarray[Any, Any], int]] = {}
         self._lock = threading.Lock()
@@ -435,7 +458,7 @@ class _Context:
         """Channels for many names; new ones are created together and searched in one flush."""
         known = self._channels
         found = [known.get(name) for name in names]
-        if None not in found:
+        if None not in found and all(c.pinned for c in found):  # type: ignore[union-attr]
             return found  # type: ignore[return-value]  # the common case: no lock needed
         out: list[Channel] = []
         created = False
@@ -449,10 +472,48 @@ class _Context:
                         self.attach()
                     chan = self._create(name)
                     created = True
+                chan.pinned = True
                 out.append(chan)
         if created:
             self.lib.ca_flush_io()
         return out
+
+    def hold(self, name: str) -> Channel:
+        """The channel for ``name`` for a holder that will ``release`` it (an ophyd PV object).
+
+        No flush: the search goes out on libca's next search tick, with the rest
+        of a Device's names, and a flush per PV would hand the GIL around 200 times.
+        """
+        with self._lock:
+            chan = self._channels.get(name)
+            if chan is None:
+                if not isinstance(name, str) or not name:
+                    raise CaError(f"PV name must be a non-empty str, got {name!r}")
+                self.attach()
+                chan = self._create(name)
+            chan.holders += 1
+        return chan
+
+    def release(self, chan: Channel) -> bool:
+        """Give back one ``hold``; the last one clears the channel unless a public call uses it.
+
+        Reads still in flight on it fail at once (libca drops their callbacks on a
+        cleared channel).  Returns whether the channel was cleared.
+        """
+        with self._lock:
+            chan.holders -= 1
+            if chan.holders > 0 or chan.pinned or self._channels.get(chan.name) is not chan:
+                return False
+            del self._channels[chan.name]
+            self._by_token.pop(chan.token, None)
+        with self._foreign_lock:  # after this no request is queued on the chid (see _issue)
+            chan.dead = True
+        chan.up = chan.copyable = False
+        chan.connected.clear()
+        self._fail_in_flight(chan.name, f"{chan.name}: channel released while being read")
+        self.attach()
+        self.lib.ca_clear_channel(chan.chid)
+        return True
 
     def adopt(self, name: str, chid: int) -> str:
         """Make a chid another library owns readable by key; returns the key to read it by."""
@@ -477,10 +538,13 @@ class _Context:
             # in-flight ones are failed below, the owner may clear it safely.
             with self._foreign_lock:
                 chan.dead = True
+        self._fail_in_flight(key, f"{name}: channel released while being read")
+
+    def _fail_in_flight(self, key: str, reason: str) -> None:
         for state in list(self._gets.values()):
             for k in state.keys:
                 if (k if isinstance(k, str) else k[0]) == key and k not in state.results:
-                    state.settle(k, Failed(f"{name}: channel released while being read"))
+                    state.settle(k, Failed(reason))
 
     def route(self, name: str) -> Hashable:
         """What shares a wire batch: the server the channel is connected to (one circuit)."""
@@ -497,6 +561,7 @@ class _Context:
         # The token, not the chid, finds the channel: the connection callback may run
         # on libca's thread before ca_create_channel has returned the chid to us.
         self._by_token[token] = chan
+        chan.token = token
         status = self.lib.ca_create_channel(
             name.encode(), self._conn_cb, token, 0, ctypes.byref(chid)
         )
@@ -510,16 +575,17 @@ class _Context:
     def _on_connection(self, args: _ConnArgs) -> None:
         _pin_thread_state()
         try:
-            chan = self._by_token.get(self.lib.ca_puser(args.chid) or 0)
+            chid = args.chid
+            chan = self._by_token.get(self.puser(chid) or 0)
             if chan is None:
                 return
             if not chan.chid:
-                chan.chid = chan._as_parameter_ = args.chid
+                chan.chid = chan._as_parameter_ = chid
             up = args.op == CA_OP_CONN_UP
             if up:
-                chan.native = self.lib.ca_field_type(args.chid)
-                chan.count = self.lib.ca_element_count(args.chid)
-                chan.host = (self.lib.ca_host_name(args.chid) or b"").decode(errors="replace")
+                chan.native = self.field_type(chid)
+                chan.count = self.element_count(chid)
+                chan.host = (self.host_name(chid) or b"").decode(errors="replace")
                 chan.generation += 1
                 chan.copyable = chan.count == 1 and chan.native in _TIME_LAYOUT
                 chan.up = True
@@ -622,9 +688,9 @@ class _Context:
             except Exception as exc:  # noqa: BLE001 - a bad request fails its PV alone
                 failed.append((key, Failed(f"{name}: {exc}")))
                 continue
-            if type(chan) is ForeignChannel:
-                # Check and queue as one step against forget(): never a request on a
-                # chid its owner is clearing.
+            if not chan.pinned:
+                # Check and queue as one step against forget() and release(): never a
+                # request on a chid that is being cleared.
                 with self._foreign_lock:
                     if chan.dead:
                         failed.append((key, Failed(f"{name}: channel released")))
@@ -1003,12 +1069,26 @@ def make_ctrl_decoder(native: int) -> Callable[[int, int, int], dict[str, Any]]:
     return decode
 
 
+_CTRL_DECODERS: dict[int, Callable[[int, int, int], dict[str, Any]]] = {}
+
+
+def _decode_stamp(raw: int, _dbr: int, _count: int) -> tuple[int, int, int, int]:
+    """(status, severity, seconds past the POSIX epoch, nanoseconds) of a DBR_TIME_* reply."""
+    status, severity, secs, nsec = _TIME_HEADER.unpack(ctypes.string_at(raw, 12))
+    return status, severity, secs + EPICS_EPOCH, nsec
+
+
 class _ReadIO:
     """The BatchIO the Coalescer drives: ops ``time``, ``ctrl`` and ``aug`` (aioca-shaped)."""
 
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx
-        self.plans = {"time": self._plan_time, "ctrl": self._plan_ctrl, "aug": self._plan_aug}
+        self.plans = {
+            "time": self._plan_time,
+            "ctrl": self._plan_ctrl,
+            "aug": self._plan_aug,
+            "meta": self._plan_meta,
+        }
 
     def issue(
         self, batch: Batch[Any], complete: Callable[[Mapping[Any, Outcome[Any]]], None]
@@ -1040,6 +1120,22 @@ class _ReadIO:
         dbrcode = 14 if native == 0 else native + 28
         _code, decode = self._cached(chan, "ctrl", lambda: (dbrcode, make_ctrl_decoder(native)))
         return dbrcode, 1, decode
+
+    def _plan_meta(self, chan: Channel, key: Any) -> tuple[int, int, Callable[..., Any]]:
+        """Keys ``(name, "time")`` and ``(name, "ctrl")``: the ophyd layer's metadata.
+
+        The decoders depend on the native type alone, so they are made once per type,
+        not once per channel (a Device connect meets 200 new channels of one type).
+        """
+        native = chan.native
+        if native not in _TIME_LAYOUT:
+            raise CaError(f"unsupported native DBF type {native}")
+        if key[1] == "time":  # the stamp and alarm only: one element is enough
+            return native + 14, 1, _decode_stamp
+        decode = _CTRL_DECODERS.get(native)
+        if decode is None:
+            decode = _CTRL_DECODERS[native] = make_ctrl_decoder(native)
+        return (14 if native == 0 else native + 28), 1, decode
 
     def _plan_aug(self, chan: Channel, key: Any) -> tuple[int, int, Callable[..., Any]]:
         from epicscorelibs.ca import dbr

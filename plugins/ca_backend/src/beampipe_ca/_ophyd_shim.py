@@ -28,9 +28,11 @@ behave as they do on the pyepics layer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,7 +43,6 @@ from ._monitors import lane_key, lanes
 
 beampipe.import_ophyd()
 import epics  # noqa: E402 - after ophyd is imported the way beampipe says
-from aioca import FORMAT_CTRL, FORMAT_TIME  # noqa: E402
 from ophyd import _pyepics_shim as _base  # noqa: E402
 
 from beampipe import Failed, Ok  # noqa: E402
@@ -146,9 +147,6 @@ def _install_event_driven_device_wait() -> None:
     ``BEAMPIPE_CA_DEVICE_WAIT=0`` to not install it at all.
     """
     global _original_device_wait
-    import os
-    import time
-
     from ophyd import Device
     from ophyd.device import DEFAULT_CONNECTION_TIMEOUT
 
@@ -163,6 +161,12 @@ def _install_event_driven_device_wait() -> None:
             timeout = self.connection_timeout
         if timeout is not None:
             deadline = time.monotonic() + timeout
+            signals = [walk.item for walk in self.walk_signals(include_lazy=all_signals)]
+            for sig in signals:  # the Device is built: tell its PVs that were already up
+                for attr in ("_read_pv", "_write_pv"):
+                    pv: Any = getattr(sig, attr, None)
+                    if getattr(pv, "_bp_deferred", False):
+                        pv._bp_tell()
             for walk in self.walk_signals(include_lazy=all_signals):
                 ready = getattr(walk.item, "_signal_is_ready", None)
                 layer = getattr(getattr(walk.item, "cl", None), "name", "")
@@ -189,13 +193,14 @@ def _chid(pv: Any) -> int | None:
 _release_lock = threading.Lock()
 
 
-def _time_ctrl_keys(pv: Any) -> tuple[tuple[str, None, int], tuple[str, None, int]] | None:
+def _time_ctrl_keys(pv: Any) -> tuple[tuple[str, str], tuple[str, str]] | None:
     with _release_lock:
         chid = _chid(pv)
         if chid is None:
             return None
-        key = ca_context().adopt(pv.pvname, chid)
-    return (key, None, FORMAT_TIME), (key, None, FORMAT_CTRL)
+        # Our own channel is read by name; a chid pyepics made (its PV came first) is adopted.
+        key = pv.pvname if pv._bp_chan is not None else ca_context().adopt(pv.pvname, chid)
+    return (key, "time"), (key, "ctrl")
 
 
 def fetch_metadata(pvs: Iterable[Any], timeout: float) -> list[dict[str, Any] | str]:
@@ -208,7 +213,7 @@ def fetch_metadata(pvs: Iterable[Any], timeout: float) -> list[dict[str, Any] | 
     flat = [k for pair in pairs if pair is not None for k in pair]
     ctx = ca_context()
     results = (
-        ctx.reads.get_many("aug", flat, timeout, route=lambda k: ctx.route(k[0])) if flat else {}
+        ctx.reads.get_many("meta", flat, timeout, route=lambda k: ctx.route(k[0])) if flat else {}
     )
     out: list[dict[str, Any] | str] = []
     for pv, pair in zip(pvs, pairs, strict=True):
@@ -242,18 +247,17 @@ _CTRL_KEYS = (
 )
 
 
-def _apply(pv: Any, tval: Any, cval: Any) -> dict[str, Any]:
+def _apply(pv: Any, tval: tuple[int, int, int, int], cval: dict[str, Any]) -> dict[str, Any]:
     """Store fresh metadata in the PV the way pyepics' get_timevars/get_ctrlvars would."""
     args = pv._args
-    args["status"] = tval.status
-    args["severity"] = tval.severity
-    args["timestamp"] = tval.timestamp
-    args["posixseconds"], args["nanoseconds"] = tval.raw_stamp
+    args["status"], args["severity"], secs, nsec = tval
+    args["timestamp"] = secs + nsec * 1e-9
+    args["posixseconds"], args["nanoseconds"] = secs, nsec
     for key in _CTRL_KEYS:
-        if hasattr(cval, key):
-            args[key] = getattr(cval, key)
-    if hasattr(cval, "enums"):
-        args["enum_strs"] = tuple(cval.enums)
+        if key in cval:
+            args[key] = cval[key]
+    if "enums" in cval:
+        args["enum_strs"] = tuple(cval["enums"])
     md = dict(args)
     md.pop("value", None)
     return md
@@ -439,37 +443,276 @@ class _ConnectionQueued(_Queued):
         self.queue.put((self.__wrapped__, args, kwargs))
 
 
+_ACCESS_NAMES = ("no access", "read-only", "write-only", "read/write")
+
+
+class _LinkListener:
+    """Runs a channel's pyepics connection callbacks when our ``_Context`` channel changes state.
+
+    What pyepics' ``_onConnectionEvent`` does for a channel it made, without the
+    ``time.sleep(0)`` it puts before every callback: in a burst of 200 connections
+    that sleep hands the GIL to another thread 200 times, and each time the libca
+    thread waits for it to come back.
+    """
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: Any) -> None:
+        self.entry = entry
+
+    def __call__(self, chan: Any, up: bool) -> None:
+        entry = self.entry
+        with _release_lock:  # against _open: a PV object is told once, by us or by _open
+            entry.conn = up
+            entry.ts = time.time()
+            entry.failures = 0
+            callbacks = list(entry.callbacks)
+            for callback in callbacks:  # this news supersedes an "already up" still held back
+                owner: Any = getattr(callback, "__self__", None)
+                if getattr(owner, "_bp_deferred", False):
+                    owner._bp_deferred = False
+        for callback in callbacks:
+            try:
+                callback(pvname=entry.pvname, chid=chan.chid, conn=up)
+            except Exception:
+                logger.exception("%s: connection callback %r failed", entry.pvname, callback)
+
+
+def _open(pv: Any) -> None:
+    """Give a new PV object its channel: ours from ``_Context.hold``, seen through pyepics' cache.
+
+    pyepics' ``create_channel`` would make the channel with its own connection
+    handler (above) and a GIL hand-off per libca call; here the libca channel is the
+    ``_Context``'s (one call, its callback keeps the GIL), and a pyepics cache entry
+    for its chid is registered so every ``epics.PV`` method (get, put, monitors)
+    works on it as on a channel pyepics made.  A name pyepics already has a channel
+    for (a user's ``epics.PV`` came first) shares that one, as before.
+    """
+    ca = epics.ca
+    ctx = ca_context()
+    cache = ca._cache[pv.context]
+    found = cache.setdefault(pv.pvname, ca._SentinelWithLock())
+    with found.lock:  # pyepics' own protocol against a concurrent create_channel
+        entry = cache[pv.pvname]
+        chan: Any
+        if isinstance(entry, ca._SentinelWithLock):
+            chan = ctx.hold(pv.pvname)
+            try:
+                entry = ca._CacheItem(chid=chan.chid, pvname=pv.pvname)
+                entry.bp_chan = chan
+                entry.bp_listener = _LinkListener(entry)
+                ca._chid_cache[chan.chid] = entry
+                cache[pv.pvname] = entry
+                chan.listeners.append(entry.bp_listener)
+                with _release_lock:  # already up (a bulk read's channel): the listener missed it
+                    entry.conn = chan.up
+                # pyepics' own access-rights handler: it finds the entry by chid.
+                ca.libca.ca_replace_access_rights_event(ca.dbr.chid_t(chan.chid), ca._CB_ACCESS)
+            except BaseException:
+                cache.pop(pv.pvname, None)
+                ca._chid_cache.pop(chan.chid, None)
+                ctx.release(chan)
+                raise
+        else:
+            chan = getattr(entry, "bp_chan", None)
+            if chan is not None:
+                # Under the entry's lock, so the entry's last release (which takes it too)
+                # cannot clear the channel in between: this is the same channel.
+                chan = ctx.hold(pv.pvname)
+    pv._bp_chan, pv._bp_entry = chan, entry
+    pv.chid = pv._args["chid"] = entry.chid
+    global _deferred_timer
+    with _release_lock:
+        entry.callbacks.append(pv._bp_on_connect)
+        entry.access_event_callback.append(pv._bp_on_access)
+        if entry.conn:
+            # Connected before we listened (another Device, a bulk read).  Not told now,
+            # inside the signal's __init__: its monitor's first event would race with the
+            # subscriptions the Device makes after it (an EpicsMotor's DMOV subscription
+            # then never sees its first value: ophyd's subscribe and _run_subs race).
+            # Told when someone waits for it, or after _DEFER_S.
+            pv._bp_deferred = True
+            _deferred.append(pv)
+            if _deferred_timer is None:
+                _deferred_timer = threading.Timer(_DEFER_S, _tell_deferred)
+                _deferred_timer.name = "beampipe-ca-connected"
+                _deferred_timer.daemon = True
+                _deferred_timer.start()
+
+
+#: How long an "already connected" PV object waits, at most, to be told (see ``_open``).
+_DEFER_S = 0.05
+_deferred: list[Any] = []
+_deferred_timer: threading.Timer | None = None
+
+
+def _tell_deferred() -> None:
+    global _deferred_timer
+    with _release_lock:
+        pvs = _deferred[:]
+        _deferred.clear()
+        _deferred_timer = None
+    if pvs:
+        ca_context().attach()
+    for pv in pvs:
+        try:
+            pv._bp_tell()
+        except Exception:
+            logger.exception("%s: connection callback failed", pv.pvname)
+
+
+def _access_of(chid: Any) -> tuple[bool, bool]:
+    ctx = ca_context()
+    raw = int(getattr(chid, "value", chid) or 0)
+    return bool(ctx.read_access(raw)), bool(ctx.write_access(raw))
+
+
 class BeampipeShimPV(_base.PyepicsShimPV):
-    """ophyd's pyepics PV with its metadata reads batched and its monitors on per-Device lanes."""
+    """ophyd's pyepics PV on beampipe-ca's own channel, metadata batched, monitors on lanes.
+
+    An ``epics.PV`` in every method ophyd and users call; what differs is how it is
+    made and told about its connection (``_open``, ``_bp_on_connect``): a 200-PV
+    Device spends its connect time in exactly those two, 200 times over.
+    """
 
     def __init__(
         self,
         pvname: str,
         callback: Any = None,
+        form: str = "time",
+        verbose: bool = False,
+        auto_monitor: Any = None,
+        count: int | None = None,
         connection_callback: Any = None,
+        connection_timeout: float | None = None,
         access_callback: Any = None,
-        **kwargs: Any,
+        monitor_delta: Any = None,
     ) -> None:
-        # Pre-wrapped, so ophyd's __init__ does not wrap them again: the monitor callback
-        # goes to its lane, not ophyd's single monitor thread, and the connection and
-        # access callbacks to ophyd's metadata thread as before, through a cheaper wrapper
-        # than ophyd's functools.wraps closure (a 200-PV Device makes 400 of them).
-        if callback is not None and _use_lanes:
-            callback = lanes().wrap(callback, pvname)
+        # epics.PV.__init__ and ophyd's PyepicsShimPV.__init__, attribute for attribute
+        # (test_ophyd_layer checks the two agree), with the channel from _open.  The
+        # callbacks are wrapped here: the monitor callback goes to its lane, not ophyd's
+        # single monitor thread, and the connection and access callbacks to ophyd's
+        # metadata thread as before, through a cheaper wrapper than ophyd's closure.
+        if callback is not None:
+            callback = (
+                lanes().wrap(callback, pvname)
+                if _use_lanes
+                else _base.wrap_callback(_base._dispatcher, "monitor", callback)
+            )
         metadata_queue = _metadata_queue()
         self._bp_md: Any = None  # metadata prefetch state (_MetadataBatcher)
-        on_connection = (
-            None
+        self._bp_chan: Any = None
+        self._bp_entry: Any = None
+        self._bp_deferred = False
+        self.pvname = pvname.strip()
+        self.form = form.lower()
+        self.verbose = verbose
+        self._auto_monitor = auto_monitor
+        self.ftype = None
+        self.connected = False
+        if connection_timeout is None:
+            connection_timeout = epics.ca.DEFAULT_CONNECTION_TIMEOUT
+        self.connection_timeout = connection_timeout
+        self._user_max_count = count
+        args = self._args = dict.fromkeys(self._fields)
+        args.update(
+            pvname=self.pvname,
+            count=count,
+            nelm=-1,
+            type="unknown",
+            typefull="unknown",
+            access="unknown",
+            monitor_delta=monitor_delta,
+        )
+        self._monitor_delta_local = False
+        self._monitor_last_value = None
+        self.connection_callbacks = (
+            []
             if connection_callback is None
-            else _ConnectionQueued(connection_callback, metadata_queue, self)
+            else [_ConnectionQueued(connection_callback, metadata_queue, self)]
         )
-        super().__init__(
-            pvname,
-            callback=callback,
-            connection_callback=on_connection,
-            access_callback=_Queued.wrap(access_callback, metadata_queue),
-            **kwargs,
-        )
+        wrapped_access = _Queued.wrap(access_callback, metadata_queue)
+        self.access_callbacks = [] if wrapped_access is None else [wrapped_access]
+        self.callbacks: dict[int, Any] = {}
+        if isinstance(callback, (tuple, list)):
+            for i, each in enumerate(callback):
+                if callable(each):
+                    self.callbacks[i] = (each, {})
+        elif callable(callback):
+            self.callbacks[0] = (callback, {})
+        self._put_complete = None
+        self._monref = None
+        self._monref_mask = None
+        self._conn_started = False
+        self.chid = None
+        self.context = ca_context().ctx
+        self._cache_key = (pvname, form, self.context)
+        self._reference_count = 0
+        _open(self)
+
+    def _bp_on_connect(self, pvname: Any = None, chid: Any = None, conn: bool = True) -> None:
+        """epics.PV's connection handler, minus its ``ca.poll()`` and per-call context checks.
+
+        Type, count and host come from our channel (read once, on libca's thread, in
+        ``_Context._on_connection``), access rights from two calls that keep the GIL.
+        """
+        if self.context is None:  # released meanwhile
+            return
+        args = self._args
+        if conn:
+            chan = self._bp_chan
+            if chan is not None:
+                native, count, host = chan.native, chan.count, chan.host
+            else:  # a channel pyepics made
+                native = epics.ca.field_type(self.chid)
+                count = epics.ca.element_count(self.chid)
+                host = epics.ca.host_name(self.chid)
+            args["nelm"] = count
+            args["count"] = min(count, self._user_max_count or count)
+            args["host"] = host
+            self.ftype = epics.ca.promote_fieldtype(
+                native, use_ctrl=self.form == "ctrl", use_time=self.form == "time"
+            )
+            type_name = epics.dbr.Name(self.ftype).lower()
+            args["type"] = args["typefull"] = type_name
+            args["ftype"] = epics.dbr.Name(type_name, reverse=True)
+        for callback in self.connection_callbacks:
+            if callable(callback):
+                callback(pvname=self.pvname, conn=conn, pv=self)
+        read, write = _access_of(self.chid) if conn else (False, False)
+        args["read_access"], args["write_access"] = read, write
+        args["access"] = _ACCESS_NAMES[read + 2 * write]
+        self.connected = conn
+        if conn and (self._auto_monitor is not False or self._monref is not None):
+            self._check_auto_monitor()
+
+    def _bp_tell(self) -> None:
+        """Deliver a held-back "already connected" (``_open``), if it is still news."""
+        with _release_lock:
+            if not self._bp_deferred:
+                return
+            self._bp_deferred = False
+            up = self.context is not None and bool(self._bp_entry.conn)
+        if up:
+            self._bp_on_access(*_access_of(self.chid))
+            self._bp_on_connect(pvname=self.pvname, chid=_chid(self), conn=True)
+
+    def wait_for_connection(self, timeout: float | None = None) -> bool:
+        """As epics.PV's, after delivering a held-back connection (see ``_open``)."""
+        if self._bp_deferred:
+            self._bp_tell()
+        return bool(super().wait_for_connection(timeout=timeout))
+
+    def _bp_on_access(self, read_access: bool, write_access: bool) -> None:
+        """epics.PV's access-rights handler, without the per-call context check."""
+        if self.context is None:
+            return
+        args = self._args
+        args["read_access"], args["write_access"] = read_access, write_access
+        args["access"] = _ACCESS_NAMES[read_access + 2 * write_access]
+        for callback in self.access_callbacks:
+            if callable(callback):
+                callback(read_access, write_access, pv=self)
 
     def add_callback(
         self,
@@ -550,11 +793,8 @@ def _detach(pv: Any, entry: Any) -> None:
     if entry is None:
         return
     for registered, ours in (
-        (getattr(entry, "callbacks", []), getattr(pv, "_PV__on_connect", None)),
-        (
-            getattr(entry, "access_event_callback", []),
-            getattr(pv, "_PV__on_access_rights_event", None),
-        ),
+        (getattr(entry, "callbacks", []), getattr(pv, "_bp_on_connect", None)),
+        (getattr(entry, "access_event_callback", []), getattr(pv, "_bp_on_access", None)),
     ):
         while ours is not None and ours in registered:
             registered.remove(ours)
@@ -584,7 +824,8 @@ def release_pvs(*pvs: Any) -> None:
     layer's, a user's ``epics.PV``); ophyd's pyepics layer clears it on
     release regardless, which kills the others (ophyd #708).  Here a PV
     object detaches its own callbacks and monitor, and the channel is cleared
-    only if no other PV object's connection callback is still registered.
+    only if no other PV object's connection callback is still registered (and,
+    for our own channels, no bulk read or ophyd-async signal uses it).
     """
     for pv in pvs:
         pv._reference_count -= 1
@@ -592,13 +833,27 @@ def release_pvs(*pvs: Any) -> None:
             continue
         pv.clear_callbacks()
         _clear_subscription(pv)
+        chan = getattr(pv, "_bp_chan", None)
+        cache = epics.ca._cache.get(pv.context, {})
         with _release_lock:
-            chid, pvname, pv_context = _chid(pv), pv.pvname, pv.context
+            chid, pvname = _chid(pv), pv.pvname
             pv.chid = None
-        if chid is not None:
-            entry = epics.ca._cache.get(pv_context, {}).get(pvname)
+            entry = cache.get(pvname) if chid is not None else None
             _detach(pv, entry)
-            if not getattr(entry, "callbacks", None):
-                ca_context().forget(pvname, chid)
-                epics.ca.clear_channel(chid)
+            last = entry is not None and not getattr(entry, "callbacks", None)
         pv.context = None
+        if not last:
+            continue
+        if chan is not None:
+            lock = getattr(entry, "lock", None) or threading.Lock()
+            with lock:  # against _open taking another hold on this entry
+                if chan.holders == 1 and cache.get(pvname) is entry:
+                    cache.pop(pvname, None)
+                    epics.ca._chid_cache.pop(chan.chid, None)
+                    with contextlib.suppress(ValueError):
+                        chan.listeners.remove(entry.bp_listener)
+                ca_context().release(chan)
+        else:
+            assert chid is not None
+            ca_context().forget(pvname, chid)
+            epics.ca.clear_channel(chid)
