@@ -211,3 +211,92 @@ def test_ophyd_control_layer_environment_variable(ioc):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["beampipe-ca", "42"]
+
+
+def test_pv_object_matches_epics_pv_attribute_for_attribute(cl, ioc):
+    """BeampipeShimPV sets epics.PV's attributes itself: a pyepics upgrade that adds one shows."""
+    import epics
+    from ophyd import EpicsSignal
+
+    name = ioc.pv("ao")
+    stock = epics.PV(name, form="time", auto_monitor=False)
+    assert stock.wait_for_connection(timeout=10)
+    sig = EpicsSignal(name, name="ao")
+    sig.wait_for_connection(timeout=10)
+    ours = sig._read_pv
+    missing = set(vars(stock)) - set(vars(ours))
+    assert not missing, f"epics.PV sets attributes BeampipeShimPV does not: {sorted(missing)}"
+    assert set(stock._args) == set(ours._args)
+    for key in ("type", "typefull", "ftype", "count", "nelm", "host", "access", "read_access",
+                "write_access"):  # fmt: skip
+        assert ours._args[key] == stock._args[key], key
+    assert ours.connected and ours.ftype == stock.ftype
+    stock.disconnect()
+    sig.destroy()
+
+
+def test_pv_already_up_is_told_once_its_device_is_built(cl, ioc):
+    """A name a bulk read connected: the ophyd PV hears of it when waited for (or soon after),
+    not inside the signal's __init__, where its first monitor event would race with the
+    subscriptions the Device makes next (an EpicsMotor's DMOV)."""
+    from ophyd import EpicsSignalRO
+
+    import beampipe_ca
+
+    name = ioc.pv("long")
+    assert beampipe_ca.bulk_get([name])[name] == 42
+    sig = EpicsSignalRO(name, name="s", auto_monitor=True)
+    assert sig._read_pv._bp_deferred  # held back...
+    seen: list[float] = []
+    sig.subscribe(lambda value, **_kw: seen.append(value))
+    sig.wait_for_connection(timeout=10)  # ... and told here
+    assert not sig._read_pv._bp_deferred
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen and seen[0] == 42  # the subscription saw the first value
+    # Nobody waits: told by itself shortly after.
+    lone = EpicsSignalRO(name, name="lone")
+    deadline = time.monotonic() + 5
+    while not lone._read_pv.connected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lone._read_pv.connected and not lone._read_pv._bp_deferred
+    sig.destroy()
+    lone.destroy()
+
+
+def test_last_release_clears_the_channel_unless_a_bulk_read_uses_it(cl, ioc):
+    import epics
+    from ophyd import EpicsSignalRO
+
+    import beampipe_ca
+    from beampipe_ca._libca import context
+
+    ctx = context()
+    name = ioc.pv("ao_int.HOPR")  # a name no other test reads in bulk (that would pin it)
+    a = EpicsSignalRO(name, name="a")
+    b = EpicsSignalRO(name, name="b")
+    a.wait_for_connection(timeout=10)
+    b.wait_for_connection(timeout=10)
+    chan = a._read_pv._bp_chan
+    assert chan is b._read_pv._bp_chan and chan.holders == 2 and not chan.pinned
+    a.destroy()
+    assert ctx._channels.get(name) is chan and b.get(use_monitor=False) is not None
+    b.destroy()  # the last one: channel and pyepics cache entry go
+    assert name not in ctx._channels and chan.dead
+    assert name not in epics.ca._cache[ctx.ctx]
+    # A bulk read's channel stays through an ophyd PV object's release.
+    assert beampipe_ca.bulk_get([name])[name] is not None
+    kept = ctx._channels[name]
+    c = EpicsSignalRO(name, name="c")
+    c.wait_for_connection(timeout=10)
+    assert c._read_pv._bp_chan is kept
+    c.destroy()
+    assert ctx._channels.get(name) is kept and not kept.dead
+    assert beampipe_ca.bulk_get([name])[name] is not None
+    # ... and a new PV object on it later works.
+    d = EpicsSignalRO(name, name="d")
+    d.wait_for_connection(timeout=10)
+    assert d.get(use_monitor=False) is not None
+    assert len(kept.listeners) == 1  # released entries took their listener with them
+    d.destroy()

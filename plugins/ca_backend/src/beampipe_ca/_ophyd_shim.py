@@ -829,11 +829,11 @@ def release_pvs(*pvs: Any) -> None:
     """
     for pv in pvs:
         pv._reference_count -= 1
-        if pv._reference_count > 0:
+        if pv._reference_count > 0 or pv.context is None:  # still used, or released already
             continue
         pv.clear_callbacks()
         _clear_subscription(pv)
-        chan = getattr(pv, "_bp_chan", None)
+        chan, pv._bp_chan = getattr(pv, "_bp_chan", None), None
         cache = epics.ca._cache.get(pv.context, {})
         with _release_lock:
             chid, pvname = _chid(pv), pv.pvname
@@ -842,18 +842,16 @@ def release_pvs(*pvs: Any) -> None:
             _detach(pv, entry)
             last = entry is not None and not getattr(entry, "callbacks", None)
         pv.context = None
-        if not last:
-            continue
-        if chan is not None:
-            lock = getattr(entry, "lock", None) or threading.Lock()
-            with lock:  # against _open taking another hold on this entry
-                if chan.holders == 1 and cache.get(pvname) is entry:
+        if chan is not None:  # our channel: every PV object holds it once
+            with entry.lock if entry is not None else contextlib.nullcontext():
+                # Under the entry's lock, against _open taking another hold on it.
+                if last and cache.get(pvname) is entry:
                     cache.pop(pvname, None)
                     epics.ca._chid_cache.pop(chan.chid, None)
                     with contextlib.suppress(ValueError):
                         chan.listeners.remove(entry.bp_listener)
                 ca_context().release(chan)
-        else:
+        elif last:
             assert chid is not None
             ca_context().forget(pvname, chid)
             epics.ca.clear_channel(chid)
