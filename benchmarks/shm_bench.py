@@ -1,6 +1,6 @@
 """beampipe-shm next to the peers a user would pick instead, one run, same machine.
 
-    .venv/bin/python benchmarks/shm_bench.py
+    .venv/bin/python benchmarks/shm_bench.py [--only bp-1-zc,iox-zc,...]
 
 Throughput: 8 MiB frames (2048x2048 uint16), the producer filling every frame
 (copy of a source image + a sequence stamp at both ends), one or two readers
@@ -242,6 +242,7 @@ def bench_beampipe(
     for pr in procs:
         pr.join(10)
     dropped = p.dropped
+    hot = (p.hot_wait_hits, p.hot_wait_misses, p.hot_wait_skips, p.hot_wait_ns)
     p.close()
     assert all(r["bad"] == 0 for r in res), res
     assert all(r["frames"] > 0 for r in res), res
@@ -251,6 +252,11 @@ def bench_beampipe(
         "missed": sum(r["missed"] for r in res) / len(res),
         "torn": sum(r["torn"] for r in res) / len(res),
         "dropped": dropped,
+        # the producer's hot-slot wait (docs, "Which slot"): per frame published
+        "hot_hits": hot[0] / max(n, 1),
+        "hot_misses": hot[1] / max(n, 1),
+        "hot_skips": hot[2] / max(n, 1),
+        "hot_us": hot[3] / 1e3 / max(hot[0] + hot[1], 1),
     }
 
 
@@ -625,11 +631,11 @@ def bench_zmq(copy: bool) -> dict[str, float]:
     while time.perf_counter() < end:
         buf = np.empty(SHAPE, np.uint16)  # zmq owns a sent buffer until it is on the wire
         stamp(buf, src, n + 1)
-        s.send(buf, copy=False)
+        s.send(buf, copy=False)  # type: ignore[call-overload]  # (any buffer; stubs say bytes)
         n += 1
     last = np.zeros(SHAPE, np.uint16)
     last.reshape(-1).view(np.uint64)[[0, -1]] = END
-    s.send(last, copy=False)
+    s.send(last, copy=False)  # type: ignore[call-overload]
     res = q.get(timeout=30)
     pr.join(10)
     s.close(linger=0)
@@ -678,11 +684,11 @@ def bench_zmq_latency() -> dict[str, float]:
 
     def send(i: int) -> None:
         v[0] = time.monotonic_ns()
-        s.send(v)
+        s.send(v)  # type: ignore[call-overload]
 
     pace(2e-3, 1000, send)
     v[1] = 1
-    s.send(v)
+    s.send(v)  # type: ignore[call-overload]
     lats = q.get(timeout=30)
     pr.join(10)
     s.close(linger=0)
@@ -905,6 +911,11 @@ def show(label: str, res: dict[str, float] | None) -> None:
             extra += f"  missed/reader {res['missed']:.0f}"
         if res.get("torn"):
             extra += f"  torn retries/reader {res['torn']:.0f}"
+        if res.get("hot_hits") or res.get("hot_misses"):
+            extra += (
+                f"  hot-slot wait hit/miss/skipped {res['hot_hits']:.0%}/{res['hot_misses']:.0%}"
+                f"/{res['hot_skips']:.0%} of frames, {res['hot_us']:.1f} us each"
+            )
         print(
             f"  {label:<44} {res['fps']:8.0f} frames/s  {res['fps'] * NBYTES / 1e9:6.2f} GB/s"
             + extra,
@@ -917,7 +928,15 @@ def show(label: str, res: dict[str, float] | None) -> None:
         )
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """``--only KEY,...``: just those rows of the alternating rounds (keys as in ``rounds``,
+    e.g. ``--only bp-1-zc,iox-zc,bp-1-copy,memcpy``) and the ratios among them."""
+    only: set[str] | None = None
+    if argv[:1] == ["--only"] and len(argv) == 2:
+        only = set(argv[1].split(","))
+    elif argv:
+        print(f"usage: {sys.argv[0]} [--only KEY,...]", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     print(f"beampipe-shm benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"8 MiB frames ({SHAPE[0]}x{SHAPE[1]} uint16), medians of {WINDOW} s windows")
@@ -951,6 +970,12 @@ def main() -> int:
         ("zmq", "pyzmq ipc:// 1 reader (recv copy=False)", "zmq", lambda: bench_zmq(False)),
         ("shmx", "shmx 1 reader (latest frame)", "shmx", bench_shmx),
     ]
+    if only is not None:
+        unknown = only - {key for key, *_ in rounds}
+        if unknown:
+            print(f"--only: unknown rows {sorted(unknown)}", file=sys.stderr)
+            return 2
+        rounds = [row for row in rounds if row[0] in only]
     got: dict[str, list[dict[str, float]]] = {key: [] for key, *_ in rounds}
     for _ in range(ROUNDS):
         for key, label, module, fn in rounds:
@@ -967,6 +992,28 @@ def main() -> int:
         if got[key]:
             r[key] = median_round(got[key])
             show(label, r[key])
+            if len(got[key]) > 1:
+                each = ", ".join(f"{x['fps']:.0f}" for x in got[key])
+                print(f"    (each round: {each})")
+    # the rounds alternate, so round i of two rows ran seconds apart under the same load
+    for a, b in (("bp-1-zc", "iox-zc"), ("bp-1-copy", "memcpy")):
+        if got.get(a) and got.get(b) and len(got[a]) == len(got[b]):
+            each = ", ".join(
+                f"{x['fps'] / y['fps']:.2f}" for x, y in zip(got[a], got[b], strict=True)
+            )
+            print(f"  {a} / {b}, round by round: {each}")
+    if only is not None:
+        print("ratios (targets from issue 5), median rounds")
+        for label, a, b, target in (
+            ("zero-copy 1 reader / iceoryx2 zero-copy (fill)", "bp-1-zc", "iox-zc", ">= 1.0"),
+            ("copy-out 1 reader / numpy main-memory copy", "bp-1-copy", "memcpy", ">= 0.8"),
+            ("copy-out 1 reader / iceoryx2 copy-out (fill)", "bp-1-copy", "iox-copy", "-"),
+        ):
+            ra, rb = r.get(a), r.get(b)
+            if ra and rb and rb["fps"]:
+                print(f"  {label:<52} {ra['fps'] / rb['fps']:6.2f}x   target {target}")
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        return 0
     r["memcpy-hot"] = bench_memcpy(hot=True)
     show("numpy copy, cache-hot 8 MiB (for reference)", r["memcpy-hot"])
     for copy in (False, True):
@@ -1112,4 +1159,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

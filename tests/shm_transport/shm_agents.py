@@ -161,7 +161,7 @@ def check_torn(name: str, seconds: float, copy: bool) -> None:
 def hold(name: str, count: int) -> None:
     """Lease ``count`` frames (zero-copy) and keep them until killed."""
     r = Reader(name, mode="every", wait=10.0, max_leases=count, start="oldest")
-    held = []
+    held: list[Any] = []
     deadline = time.monotonic() + 10
     while len(held) < count and time.monotonic() < deadline:
         f = r.read(timeout=0.2)
@@ -169,6 +169,38 @@ def hold(name: str, count: int) -> None:
             held.append(f)
     say(event="ready", pid=os.getpid(), held=[f.seq for f in held])
     time.sleep(60)
+
+
+def lease_briefly(name: str, mode: str, hold: float, seconds: float, spin: float = 0.0) -> None:
+    """Zero-copy reader: check each frame, keep its lease ``hold`` s, release.
+
+    The producer's next claim comes while the lease is held, so its hot-slot wait decides
+    whether that slot is rewritten; a long ``hold`` is a live view that keeps a frame a while.
+    Asleep between frames by default: a woken reader gets a CPU sooner than a spinning one
+    that shares it with other jobs.
+    """
+    r = Reader(name, mode=mode, wait=10.0, spin=spin)  # type: ignore[arg-type]
+    say(event="ready", pid=os.getpid())
+    seqs, bad = [], 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        f = r.read(timeout=0.2)
+        if f is None:
+            if r.producer_closed and not r.producer_alive:
+                break
+            continue
+        bad += not (f["img"] == f.seq).all()
+        seqs.append(f.seq)
+        if hold >= 0.001:
+            time.sleep(hold)
+        else:
+            until = time.perf_counter() + hold
+            while time.perf_counter() < until:  # (a sleep would oversleep a short hold)
+                pass
+        bad += not (f["img"] == f.seq).all()  # unchanged under the lease
+        f.release()
+    say(event="done", seqs=seqs, bad=bad)
+    r.close()
 
 
 def control(name: str, n: int) -> None:

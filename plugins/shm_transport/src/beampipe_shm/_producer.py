@@ -1,4 +1,7 @@
-"""The producer: owns one segment, writes frames straight into slots, never waits for readers."""
+"""The producer: owns one segment, writes frames straight into slots, never blocks on readers.
+
+(Its one wait, for the slot still in cache, is a spin of bounded length: ``Producer._hot_wait``.)
+"""
 
 from __future__ import annotations
 
@@ -38,6 +41,19 @@ log = logging.getLogger("beampipe_shm")
 
 _RECLAIM_EVERY_NS = 250_000_000
 _WRAP = 0xFFFFFFFF
+
+#: Slots whose arrays take at least this many bytes get the hot-slot wait (``Producer(hot_wait=)``
+#: defaults to ``HOT_WAIT_CAP`` for them, 0 below): a frame bigger than a core's L2 (2 MiB here,
+#: 0.5-2 MiB on most x86-64) is refilled faster where it still sits in L3 (8 MiB: ~300 us into
+#: the slot just read, ~450-600 us into another one on the 2-core EPYC of docs' "Numbers").
+HOT_WAIT_MIN_BYTES = 1 << 20
+#: The longest the producer spins for the newest frame's slot (seconds), whatever the rate.
+HOT_WAIT_CAP = 50e-6
+#: ... and at most this share of its recent frame interval (a slow reader costs no more).
+HOT_WAIT_SHARE = 0.1
+#: After a wait that timed out, the next ``n`` waits are skipped, ``n`` doubling per timeout up
+#: to this (halving per hit): a reader that keeps the producer waiting stops being waited for.
+HOT_WAIT_BACKOFF_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -155,7 +171,14 @@ class Producer:
     for per-frame attributes and for each reader's control ring; ``mode``: file mode
     of the segment; ``reuse``: ``"hot"`` (default: rewrite the slot readers just
     finished with, still in cache) or ``"ring"`` (always the oldest frame: the most
-    history for readers that look frames up after the fact).
+    history for readers that look frames up after the fact).  ``hot_wait``: how long (seconds)
+    the producer may spin, per frame, for the newest frame's slot when a reader has not yet
+    read it or still leases it (the slot stays in cache; see "Which slot" in the docs): at
+    most ``HOT_WAIT_SHARE`` of the recent frame interval, and a reader that keeps it waiting
+    stops being waited for.  None: ``HOT_WAIT_CAP`` for frames of ``HOT_WAIT_MIN_BYTES`` or
+    more, else 0 (off: a small slot is rewritten in cache whichever it is).  The outcomes are
+    counted in ``hot_wait_hits``, ``hot_wait_misses`` (timed out) and ``hot_wait_skips``
+    (not tried while backing off), and ``hot_wait_ns`` is the time spent waiting.
     """
 
     def __init__(
@@ -170,12 +193,27 @@ class Producer:
         control_bytes: int = 4096 - L.R_CTRL_DATA,
         mode: int = 0o600,
         reuse: str = "hot",
+        hot_wait: float | None = None,
     ) -> None:
         self.name = L.check_name(name)
         if reuse not in ("hot", "ring"):
             raise ValueError(f"stream {name!r}: reuse must be 'hot' or 'ring', got {reuse!r}")
         self.reuse = reuse
         self.schema = L.Schema.coerce(streams, attrs)
+        if hot_wait is None:
+            big = sum(s.nbytes for s in self.schema.streams) >= HOT_WAIT_MIN_BYTES
+            hot_wait = HOT_WAIT_CAP if big else 0.0
+        if (
+            isinstance(hot_wait, bool)
+            or not isinstance(hot_wait, int | float)
+            or not 0 <= hot_wait <= 1.0
+        ):
+            raise ValueError(
+                f"stream {name!r}: hot_wait must be 0..1 seconds or None, got {hot_wait!r}"
+            )
+        #: the hot-slot wait's cap per frame, in seconds (0: off; "ring" reuse never waits)
+        self.hot_wait = float(hot_wait) if reuse == "hot" else 0.0
+        self._hot_cap_ns = int(self.hot_wait * 1e9)
         if not isinstance(slots, int) or not 2 <= slots <= L.MAX_SLOTS:
             raise ValueError(f"stream {name!r}: slots must be 2..{L.MAX_SLOTS}, got {slots!r}")
         if not isinstance(max_readers, int) or not 1 <= max_readers <= L.MAX_READERS:
@@ -267,6 +305,12 @@ class Producer:
             self._next_reclaim = 0
             self.dropped = 0
             self.lease_skips = 0
+            self.hot_wait_hits = 0  # waits that ended with the newest frame's slot free
+            self.hot_wait_misses = 0  # waits that ran out of budget (the normal order followed)
+            self.hot_wait_skips = 0  # waits not tried: backing off after a miss
+            self.hot_wait_ns = 0  # time spent in them, hits and misses
+            self._hot_penalty = 0  # waits to skip after the next miss (doubles, halves)
+            self._hot_backoff = 0  # waits still to skip
             self._pending: list[ControlMessage] = []
             self._closed = False
         except BaseException:
@@ -403,7 +447,8 @@ class Producer:
         ``frame_id`` (default: the sequence number), ``timestamp`` (default: the time of
         publishing) and ``attrs`` may also be set on the frame inside the block.  When every
         slot is leased the frame is written to scratch memory, ``dropped`` is True and the
-        drop is counted: the producer never waits.
+        drop is counted: the producer never blocks (its only wait, for big slots, is the
+        bounded spin for the newest frame's slot: ``hot_wait``).
         """
         if self._closed:
             raise RuntimeError(f"stream {self.name!r}: producer is closed")
@@ -541,7 +586,9 @@ class Producer:
         then the oldest frame first (with no reader registered: the most history for one
         that joins with ``start="oldest"``); the newest frame's slot as a last resort.
         ``reuse="ring"`` always takes the oldest frame's slot instead: the most history, for
-        readers that come looking for a given frame after the fact.
+        readers that come looking for a given frame after the fact.  With ``hot_wait``, a
+        newest slot that a reader has not finished with yet is waited for, briefly
+        (``_hot_wait``), before the rest of the order is taken.
         """
         leased, behind, behind_all = self._scan()
         latest = self._latest_k
@@ -551,9 +598,14 @@ class Producer:
             leased, behind, behind_all = self._scan()
             cands = [k for k in self._all_slots if k != latest and k not in leased]
         seqs = self._slot_seq
+        hot = False
+        if latest >= 0 and behind_all >= 0 and self.reuse == "hot":
+            if latest not in leased and behind_all >= seqs[latest]:
+                hot = True  # every reader has it: rewrite it while it is hot
+            elif self._hot_cap_ns:
+                hot = self._hot_wait(latest, seqs[latest])
         if self.reuse == "ring":  # history first: always the oldest frame
             cands.sort(key=seqs.__getitem__)
-            behind_all = -1
         elif len(cands) > 1:
             if behind_all < 0:  # nobody reads: keep history, overwrite the oldest
                 cands.sort(key=seqs.__getitem__)
@@ -565,11 +617,10 @@ class Producer:
                     rest.sort(key=seqs.__getitem__)
                     done += rest
                 cands = done
-        if latest >= 0 and latest not in leased:
-            if behind_all >= seqs[latest]:
-                cands.insert(0, latest)  # every reader has it: rewrite it while it is hot
-            else:
-                cands.append(latest)  # last resort: replace the newest frame, not drop one
+        if hot:
+            cands.insert(0, latest)
+        elif latest >= 0 and latest not in leased:
+            cands.append(latest)  # last resort: replace the newest frame, not drop one
         w = self._words
         for k in cands:
             sw = self._slot_word[k]
@@ -591,6 +642,60 @@ class Producer:
                 self.dropped,
             )
         return None
+
+    def _hot_wait(self, k: int, seq_k: int) -> bool:
+        """Spin, within budget, until every reader has read slot k's frame and none leases it.
+
+        Why: with a reader that keeps up, the producer claims the next frame a few
+        microseconds after the commit, while the reader is still taking the newest frame
+        (about 5-10 us of Python); without the wait the producer alternates between two big
+        slots, and a fill of 8 MiB where it is not in cache costs 1.5-2x one where it is.
+        The budget is ``hot_wait`` capped at ``HOT_WAIT_SHARE`` of the recent frame
+        interval; a wait that runs out makes the next ones skipped, more of them per miss in
+        a row, so a reader that holds a frame for long (a live view) costs the budget now and
+        then, not every frame.  Only a heuristic: the claim's odd sequence, fence and lease
+        re-check (Dekker with ``Reader._take``) still decide whether the slot may be written.
+        """
+        if self._hot_backoff:
+            self._hot_backoff -= 1
+            self.hot_wait_skips += 1
+            return False
+        rate = self._rate
+        if rate <= 0.0:
+            return False  # no interval known yet (the first frames): no budget
+        budget = min(self._hot_cap_ns, int(HOT_WAIT_SHARE * 1e9 / rate))
+        w = self._words
+        lease = L.R_LEASES + k
+        last_seq = L.R_LAST_SEQ
+        mode = L.R_MODE
+        closed = L.MODE_CLOSED
+        recs = [rw for rw in self._rec_word if w[rw]]  # (R_PID is word 0 of a record)
+        clock = time.monotonic_ns
+        t0 = clock()
+        end = t0 + budget
+        while True:
+            for rw in recs:
+                # last_seq before the lease: a reader stores its lease, then last_seq, so
+                # seeing the frame read means seeing a lease still held (the other order
+                # could miss a lease taken between the two loads; the claim's re-check
+                # would catch it, at the cost of a lease skip).  A reader that left
+                # meanwhile (pid 0) holds nothing and needs nothing.
+                if w[rw] and (
+                    (w[rw + last_seq] < seq_k and w[rw + mode] != closed) or w[rw + lease]
+                ):
+                    break
+            else:
+                self.hot_wait_ns += clock() - t0
+                self.hot_wait_hits += 1
+                self._hot_penalty >>= 1
+                return True
+            now = clock()
+            if now >= end:
+                self.hot_wait_ns += now - t0
+                self.hot_wait_misses += 1
+                self._hot_penalty = min(2 * self._hot_penalty + 1, HOT_WAIT_BACKOFF_MAX)
+                self._hot_backoff = self._hot_penalty
+                return False
 
     def _commit(self, f: WritableFrame, timestamp: float | None) -> int | None:
         self._open = None
