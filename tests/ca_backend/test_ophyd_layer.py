@@ -300,3 +300,84 @@ def test_last_release_clears_the_channel_unless_a_bulk_read_uses_it(cl, ioc):
     assert d.get(use_monitor=False) is not None
     assert len(kept.listeners) == 1  # released entries took their listener with them
     d.destroy()
+
+
+def test_device_read_is_one_wire_batch_with_the_same_values(cl, ioc, monkeypatch):
+    """Device.read() asks for all of its non-monitored PVs at once, then ophyd's gets collect
+    them: values as the one-by-one gets give them, and fresh (the counter moves on)."""
+    import epics
+    from ophyd import Component as Cpt
+    from ophyd import Device, EpicsSignal, EpicsSignalRO
+
+    class Mixed(Device):
+        ao = Cpt(EpicsSignal, "ao")
+        long = Cpt(EpicsSignalRO, "long")
+        text = Cpt(EpicsSignalRO, "str", string=True)
+        enum = Cpt(EpicsSignal, "enum", string=True)
+        wf = Cpt(EpicsSignalRO, "wf_long")
+        empty = Cpt(EpicsSignalRO, "wf_empty")
+        counter = Cpt(EpicsSignalRO, "counter")
+        config = Cpt(EpicsSignalRO, "ao_int", kind="config")
+
+    dev = Mixed(ioc.prefix, name="m")
+    dev.wait_for_connection(timeout=10)
+    one_by_one = {
+        f"m_{name}": getattr(dev, name).get(use_monitor=False)
+        for name in ("ao", "long", "text", "enum", "wf", "empty")
+    }
+    waits: list[bool] = []
+    real = epics.ca.get_with_metadata
+
+    def counting(*args, **kwargs):
+        waits.append(kwargs.get("wait", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(epics.ca, "get_with_metadata", counting)
+    first = dev.read()
+    assert waits == [False] * 7  # seven requests put on the wire together, no get of its own
+    for key, value in one_by_one.items():
+        np.testing.assert_array_equal(first[key]["value"], value)
+        assert type(first[key]["value"]) is type(value), key
+    assert first["m_text"]["value"] == "hello" and first["m_enum"]["value"] == "Medium"
+    assert len(first["m_empty"]["value"]) == 0
+    waits.clear()
+    assert dev.read_configuration()["m_config"]["value"] == 3
+    time.sleep(0.3)
+    second = dev.read()
+    assert second["m_counter"]["value"] > first["m_counter"]["value"]  # a wire read, not a cache
+    assert second["m_counter"]["timestamp"] > first["m_counter"]["timestamp"]
+    # Nothing asked for by a read is left to serve a later get.
+    assert all(w.item._read_pv._bp_ticket is None for w in dev.walk_signals())
+    dev.destroy()
+
+
+def test_exit_with_devices_still_alive_is_clean(ioc, tmp_path):
+    """ophyd's finalizers release PVs at exit, possibly after pyepics' own atexit hook has
+    destroyed the CA context: a Device nobody destroyed must not abort the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import weakref\n"
+        "class Early: pass\n"
+        "early = Early()\n"
+        "weakref.finalize(early, lambda: None)  # finalizers' atexit hook before pyepics'\n"
+        "import beampipe\n"
+        "beampipe.use('beampipe-ca', ophyd_async=False)\n"
+        "from ophyd import Component as Cpt, Device, EpicsSignalRO\n"
+        "class D(Device):\n"
+        "    a = Cpt(EpicsSignalRO, 'long')\n"
+        "    b = Cpt(EpicsSignalRO, 'ao')\n"
+        f"d = D({ioc.prefix!r}, name='d')\n"
+        "d.wait_for_connection(timeout=10)\n"
+        "print(d.a.get())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], env=dict(os.environ), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["42"]
+    assert "terminate called" not in out.stderr

@@ -511,6 +511,10 @@ class _Context:
         chan.up = chan.copyable = False
         chan.connected.clear()
         self._fail_in_flight(chan.name, f"{chan.name}: channel released while being read")
+        if _libca_finalized():
+            # At exit, after pyepics' atexit hook cleared every channel and destroyed the
+            # context (ophyd's finalizers release PVs later): libca must not be called.
+            return True
         self.attach()
         self.lib.ca_clear_channel(chan.chid)
         return True
@@ -1002,6 +1006,12 @@ def _split(
         else:
             failed[name] = outcome.reason
     return ok, failed
+
+
+def _libca_finalized() -> bool:
+    """pyepics' atexit hook has run: its context and every channel in it are gone."""
+    ca = sys.modules.get("epics.ca")
+    return ca is not None and ca.libca is getattr(ca, "_LIBCA_FINALIZED", object())
 
 
 def _adopted_key(name: str, chid: int) -> str:

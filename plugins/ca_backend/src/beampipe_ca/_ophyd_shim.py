@@ -36,8 +36,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
+
 import beampipe
 
+from ._libca import _libca_finalized
 from ._libca import context as ca_context
 from ._monitors import lane_key, lanes
 
@@ -128,6 +131,7 @@ def setup(logger: logging.Logger) -> Any:
     """Called by ophyd once per session: make the shared CA context, then ophyd's dispatcher."""
     ca_context().attach()
     _install_event_driven_device_wait()
+    _install_device_read_batch()
     return _base.setup(logger)
 
 
@@ -179,6 +183,94 @@ def _install_event_driven_device_wait() -> None:
 
     wait_for_connection.__doc__ = original.__doc__
     Device.wait_for_connection = wait_for_connection
+
+
+_read_batch_state = threading.local()
+
+
+def _wire_read_pvs(device: Any, kind: Any, out: list[Any]) -> None:
+    """The PVs a ``read()``/``read_configuration()`` of ``device`` will get from the wire.
+
+    Mirrors ophyd's walk (components of ``kind``, sub-Devices recursively); a signal
+    whose reads are served from its monitor is left out.
+    """
+    from ophyd import Device
+
+    for _cpt_name, cpt in device._get_components_of_kind(kind):
+        if isinstance(cpt, Device):
+            _wire_read_pvs(cpt, kind, out)
+            continue
+        pv = getattr(cpt, "_read_pv", None)
+        if (
+            isinstance(pv, BeampipeShimPV)
+            and not getattr(cpt, "_auto_monitor", True)
+            and pv.connected
+            and pv.context is not None
+        ):
+            out.append(pv)
+
+
+def _install_device_read_batch() -> None:
+    """Make ``Device.read()`` and ``read_configuration()`` one wire batch instead of N gets.
+
+    ophyd reads a Device's signals one after the other, each a blocking round
+    trip: ~250 us apiece, 50 ms for 200 signals.  The wrapper first asks for all of
+    the Device's non-monitored beampipe-ca PVs at once (pyepics' own
+    ``get_with_metadata(wait=False)``, one flush), then runs ophyd's method, whose
+    gets collect those replies (``BeampipeShimPV.get_with_metadata``).  Every value is
+    still a wire read issued after the caller asked, decoded by pyepics as before;
+    only the calling thread's gets inside this call take them.  Set
+    ``BEAMPIPE_CA_READ_BATCH=0`` to not install it.
+    """
+    from ophyd import Device, Kind
+
+    if getattr(Device.read, "_beampipe_batched", False) or (
+        os.environ.get("BEAMPIPE_CA_READ_BATCH") == "0"
+    ):
+        return
+
+    def batched(method: Callable[..., Any], kind: Any) -> Callable[..., Any]:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(_read_batch_state, "active", False):
+                return method(self, *args, **kwargs)  # a sub-Device: the outer call asked
+            pvs: list[Any] = []
+            _read_batch_state.active = True
+            try:
+                _wire_read_pvs(self, kind, pvs)
+                _prefetch_values(pvs)
+                return method(self, *args, **kwargs)
+            finally:
+                _read_batch_state.active = False
+                for pv in pvs:  # nothing asked for in this call serves a later one
+                    pv._bp_ticket = None
+
+        wrapper.__doc__ = method.__doc__
+        wrapper.__name__ = method.__name__
+        wrapper._beampipe_batched = True  # type: ignore[attr-defined]
+        return wrapper
+
+    Device.read = batched(Device.read, Kind.normal)
+    Device.read_configuration = batched(Device.read_configuration, Kind.config)
+
+
+def _prefetch_values(pvs: list[Any]) -> None:
+    """Put one DBR_TIME get per PV on the wire, as its own ``get_with_metadata`` would."""
+    if len(pvs) < 2:
+        return  # one signal: its own get is just as fast
+    me = threading.get_ident()
+    issued = False
+    for pv in pvs:
+        args = pv._args
+        count = args["count"] if args["count"] != args["nelm"] else None
+        try:
+            epics.ca.get_with_metadata(pv.chid, ftype=pv.ftype, count=count, wait=False)
+        except Exception as exc:  # noqa: BLE001 - its own get will then fail or succeed itself
+            logger.debug("%s: batched read not issued: %r", pv.pvname, exc)
+            continue
+        pv._bp_ticket = (me, pv.ftype, count)
+        issued = True
+    if issued:
+        epics.ca.flush_io()
 
 
 def _chid(pv: Any) -> int | None:
@@ -552,8 +644,9 @@ def _tell_deferred() -> None:
         pvs = _deferred[:]
         _deferred.clear()
         _deferred_timer = None
-    if pvs:
-        ca_context().attach()
+    if not pvs or _libca_finalized():
+        return
+    ca_context().attach()
     for pv in pvs:
         try:
             pv._bp_tell()
@@ -604,6 +697,7 @@ class BeampipeShimPV(_base.PyepicsShimPV):
         self._bp_chan: Any = None
         self._bp_entry: Any = None
         self._bp_deferred = False
+        self._bp_ticket: Any = None  # a get issued for this PV by its Device's read()
         self.pvname = pvname.strip()
         self.form = form.lower()
         self.verbose = verbose
@@ -696,6 +790,71 @@ class BeampipeShimPV(_base.PyepicsShimPV):
         if up:
             self._bp_on_access(*_access_of(self.chid))
             self._bp_on_connect(pvname=self.pvname, chid=_chid(self), conn=True)
+
+    def get_with_metadata(
+        self,
+        count: int | None = None,
+        as_string: bool = False,
+        as_numpy: bool = True,
+        timeout: float | None = None,
+        with_ctrlvars: bool = False,
+        form: str | None = None,
+        use_monitor: bool = True,
+        as_namespace: bool = False,
+    ) -> Any:
+        """epics.PV's, except that a get its Device's ``read()`` already issued is collected.
+
+        The request part of epics.PV's method is replaced by pyepics'
+        ``get_complete_with_metadata`` on the get ``_prefetch_values`` issued for this
+        very call (same thread, DBR type and count); the rest is epics.PV's.
+        """
+        ticket, self._bp_ticket = self._bp_ticket, None
+        wire_count = count
+        if wire_count is None and self._args["count"] != self._args["nelm"]:
+            wire_count = self._args["count"]
+        if (
+            ticket is None
+            or ticket != (threading.get_ident(), self.ftype, wire_count)
+            or with_ctrlvars
+            or as_namespace
+            or (form is not None and form != self.form)
+            or (use_monitor and self.auto_monitor)
+            or not self.connected
+        ):
+            return super().get_with_metadata(
+                count=count,
+                as_string=as_string,
+                as_numpy=as_numpy,
+                timeout=timeout,
+                with_ctrlvars=with_ctrlvars,
+                form=form,
+                use_monitor=use_monitor,
+                as_namespace=as_namespace,
+            )
+        count = wire_count
+        metad = epics.ca.get_complete_with_metadata(
+            self.chid, ftype=self.ftype, count=0 if count is None else count, timeout=timeout,
+            as_numpy=as_numpy,
+        )  # fmt: skip
+        if metad is None:
+            return None
+        self._args.update(**metad)
+        val = metad["value"]
+        if as_string:
+            metad["value"] = self._set_charval(val, force_long_string=as_string)
+        elif self.nelm > 1 and val is not None:  # epics.PV's array handling, as is
+            if not hasattr(val, "__len__"):
+                val = [val]
+            if count is None:
+                count = len(val)
+            if as_numpy and not isinstance(val, np.ndarray):
+                val = np.asarray(val)
+            elif not as_numpy and isinstance(val, np.ndarray):
+                val = val.tolist()
+            if count < len(val):
+                val = val[:count]
+            metad["value"] = val
+        return metad
 
     def wait_for_connection(self, timeout: float | None = None) -> bool:
         """As epics.PV's, after delivering a held-back connection (see ``_open``)."""
