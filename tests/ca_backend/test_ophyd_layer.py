@@ -273,6 +273,7 @@ def test_last_release_clears_the_channel_unless_a_bulk_read_uses_it(cl, ioc):
     from beampipe_ca._libca import context
 
     ctx = context()
+    unpinned = ctx._unpinned
     name = ioc.pv("ao_int.HOPR")  # a name no other test reads in bulk (that would pin it)
     a = EpicsSignalRO(name, name="a")
     b = EpicsSignalRO(name, name="b")
@@ -300,6 +301,7 @@ def test_last_release_clears_the_channel_unless_a_bulk_read_uses_it(cl, ioc):
     assert d.get(use_monitor=False) is not None
     assert len(kept.listeners) == 1  # released entries took their listener with them
     d.destroy()
+    assert ctx._unpinned == unpinned
 
 
 def test_device_read_is_one_wire_batch_with_the_same_values(cl, ioc, monkeypatch):

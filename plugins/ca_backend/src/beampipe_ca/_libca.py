@@ -415,6 +415,9 @@ class _Context:
         self._lock = threading.Lock()
         self._foreign_lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
+        #: Live channels only ``hold``-ers use: while there are none, ``channels`` needs no
+        #: per-channel check on its lock-free path.
+        self._unpinned = 0
         self._by_token: dict[int, Channel] = {}
         self._gets: dict[int, _GetBatch] = {}
         self._array_gets: dict[int, _ArrayBatch] = {}
@@ -450,7 +453,7 @@ class _Context:
     def channel(self, name: str) -> Channel:
         """The channel for ``name``, created (and its search queued) on first use."""
         chan = self._channels.get(name)
-        if chan is not None:
+        if chan is not None and chan.pinned:
             return chan
         return self.channels([name])[0]
 
@@ -458,13 +461,16 @@ class _Context:
         """Channels for many names; new ones are created together and searched in one flush."""
         known = self._channels
         found = [known.get(name) for name in names]
-        if None not in found and all(c.pinned for c in found):  # type: ignore[union-attr]
+        if None not in found and (
+            not self._unpinned or all(c.pinned for c in found)  # type: ignore[union-attr]
+        ):
             return found  # type: ignore[return-value]  # the common case: no lock needed
         out: list[Channel] = []
         created = False
         with self._lock:
             for name in names:
                 chan = self._channels.get(name)
+                fresh = chan is None
                 if chan is None:
                     if not isinstance(name, str) or not name:
                         raise CaError(f"PV name must be a non-empty str, got {name!r}")
@@ -472,7 +478,10 @@ class _Context:
                         self.attach()
                     chan = self._create(name)
                     created = True
-                chan.pinned = True
+                if not chan.pinned:
+                    chan.pinned = True
+                    if not fresh:
+                        self._unpinned -= 1  # an ophyd PV object's channel, now ours too
                 out.append(chan)
         if created:
             self.lib.ca_flush_io()
@@ -491,6 +500,7 @@ class _Context:
                     raise CaError(f"PV name must be a non-empty str, got {name!r}")
                 self.attach()
                 chan = self._create(name)
+                self._unpinned += 1
             chan.holders += 1
         return chan
 
@@ -506,6 +516,7 @@ class _Context:
                 return False
             del self._channels[chan.name]
             self._by_token.pop(chan.token, None)
+            self._unpinned -= 1
         with self._foreign_lock:  # after this no request is queued on the chid (see _issue)
             chan.dead = True
         chan.up = chan.copyable = False
