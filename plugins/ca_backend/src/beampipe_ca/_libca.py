@@ -1100,7 +1100,7 @@ def _decode_stamp(raw: int, _dbr: int, _count: int) -> tuple[int, int, int, int]
 
 
 class _ReadIO:
-    """The BatchIO the Coalescer drives: ops ``time``, ``ctrl`` and ``aug`` (aioca-shaped)."""
+    """The BatchIO the Coalescer drives: ops ``time``, ``ctrl``, ``aug`` (aioca), ``meta``."""
 
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx

@@ -603,6 +603,9 @@ def _open(pv: Any) -> None:
             except BaseException:
                 cache.pop(pv.pvname, None)
                 ca._chid_cache.pop(chan.chid, None)
+                listener = getattr(entry, "bp_listener", None)
+                if listener in chan.listeners:
+                    chan.listeners.remove(listener)
                 ctx.release(chan)
                 raise
         else:
@@ -614,6 +617,7 @@ def _open(pv: Any) -> None:
     pv._bp_chan, pv._bp_entry = chan, entry
     pv.chid = pv._args["chid"] = entry.chid
     global _deferred_timer
+    timer = None
     with _release_lock:
         entry.callbacks.append(pv._bp_on_connect)
         entry.access_event_callback.append(pv._bp_on_access)
@@ -626,10 +630,11 @@ def _open(pv: Any) -> None:
             pv._bp_deferred = True
             _deferred.append(pv)
             if _deferred_timer is None:
-                _deferred_timer = threading.Timer(_DEFER_S, _tell_deferred)
-                _deferred_timer.name = "beampipe-ca-connected"
-                _deferred_timer.daemon = True
-                _deferred_timer.start()
+                timer = _deferred_timer = threading.Timer(_DEFER_S, _tell_deferred)
+                timer.name = "beampipe-ca-connected"
+                timer.daemon = True
+    if timer is not None:  # outside the lock: the libca thread's listeners take it
+        timer.start()
 
 
 #: How long an "already connected" PV object waits, at most, to be told (see ``_open``).
