@@ -75,7 +75,9 @@ def _close_channel_access() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="run only the demo steps whose name contains this")
+    parser.add_argument(
+        "--only", help="run only the demo step of this name (ca, pva, shm or zocalo)"
+    )
     args = parser.parse_args(argv)
     pin_epics_to_loopback()
     from bluesky import RunEngine
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = DemoContext(ioc=ioc, run_engine=RunEngine({}, call_returns_result=False))
         _core_scan(ctx)
         for ep in steps:
-            if args.only and args.only not in ep.name:
+            if args.only and args.only not in (ep.name, ep.name.partition("-")[2]):
                 continue
             print(f"- {ep.name} ({ep.dist.name if ep.dist else '?'})", flush=True)
             ep.load()(ctx)
