@@ -233,7 +233,7 @@ class Channel:
         self.generation = 0
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         #: (generation, what) -> (dbrcode, decoder), made once per connection and request kind.
-        self.decoders: dict[Hashable, tuple[int, Callable[..., Any]]] = {}
+        self.decoders: dict[Hashable, Any] = {}
         self.listeners: list[Callable[[Channel, bool], None]] = []
         #: Asked for through the public calls (bulk reads, connect, ophyd-async): kept for
         #: the life of the process.  A channel only ``hold``-ers use goes with the last one.
@@ -1159,13 +1159,17 @@ class _ReadIO:
         return (14 if native == 0 else native + 28), 1, decode
 
     def _plan_aug(self, chan: Channel, key: Any) -> tuple[int, int, Callable[..., Any]]:
-        from epicscorelibs.ca import dbr
-
+        # Written out (no closure, no import per call): ophyd-async's Device.read() plans
+        # 200 of these in a row on its event loop.
         _name, datatype, fmt = key
-        dbrcode, decode = self._cached(
-            chan, (datatype, fmt), lambda: dbr.type_to_dbr(chan, datatype, fmt)
-        )
-        return dbrcode, 0, decode
+        cache_key = (chan.generation, datatype, fmt)  # not a 2-tuple: no clash with _cached's
+        found = chan.decoders.get(cache_key)
+        if found is None:
+            from epicscorelibs.ca import dbr
+
+            dbrcode, decode = dbr.type_to_dbr(chan, datatype, fmt)
+            found = chan.decoders[cache_key] = (dbrcode, 0, decode)
+        return found
 
 
 _context: _Context | None = None
