@@ -367,6 +367,8 @@ class _Context:
         import epics.ca
 
         self.lib = _load_libca()
+        # A thread-local read, made by every attach(): no need to hand the GIL around for it.
+        self.current_context = ctypes.PYFUNCTYPE(ctypes.c_void_p)(("ca_current_context", self.lib))
         if epics.ca.libca is None:
             # If aioca already made its context, let pyepics adopt that one (pyepics keeps
             # a context it finds attached) rather than make a second.
@@ -410,6 +412,11 @@ class _Context:
         self.host_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, vp)(("ca_host_name", self.lib))
         self.read_access = ctypes.PYFUNCTYPE(ctypes.c_uint, vp)(("ca_read_access", self.lib))
         self.write_access = ctypes.PYFUNCTYPE(ctypes.c_uint, vp)(("ca_write_access", self.lib))
+        #: (chid, handler address): libca calls the handler before returning only when the
+        #: channel is up, on this very thread (it drops its lock first), so the GIL may stay.
+        self.replace_access_rights_event = ctypes.PYFUNCTYPE(ctypes.c_int, vp, vp)(
+            ("ca_replace_access_rights_event", self.lib)
+        )
         self._pend_lock = threading.Lock()
         self._pend_buffers: dict[tuple[int, int], tuple[np.ndarray[Any, Any], int]] = {}
         self._lock = threading.Lock()
@@ -434,7 +441,7 @@ class _Context:
     # -- threads and the context -------------------------------------------------
     def attach(self) -> None:
         """Attach the calling thread to the shared context (a no-op when it already is)."""
-        current = self.lib.ca_current_context()
+        current = self.current_context()
         if current == self.ctx:
             return
         if current:

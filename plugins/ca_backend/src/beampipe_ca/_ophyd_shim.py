@@ -599,7 +599,7 @@ def _open(pv: Any) -> None:
                 with _release_lock:  # already up (a bulk read's channel): the listener missed it
                     entry.conn = chan.up
                 # pyepics' own access-rights handler: it finds the entry by chid.
-                ca.libca.ca_replace_access_rights_event(ca.dbr.chid_t(chan.chid), ca._CB_ACCESS)
+                ctx.replace_access_rights_event(chan.chid, _access_handler())
             except BaseException:
                 cache.pop(pv.pvname, None)
                 ca._chid_cache.pop(chan.chid, None)
@@ -657,6 +657,20 @@ def _tell_deferred() -> None:
             pv._bp_tell()
         except Exception:
             logger.exception("%s: connection callback failed", pv.pvname)
+
+
+_access_handler_address: int | None = None
+
+
+def _access_handler() -> int:
+    """The address of pyepics' access-rights callback (pyepics keeps the object alive)."""
+    global _access_handler_address
+    if _access_handler_address is None:
+        import ctypes
+
+        _access_handler_address = ctypes.cast(epics.ca._CB_ACCESS, ctypes.c_void_p).value
+    assert _access_handler_address
+    return _access_handler_address
 
 
 def _access_of(chid: Any) -> tuple[bool, bool]:
