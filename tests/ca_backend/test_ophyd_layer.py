@@ -383,3 +383,39 @@ def test_exit_with_devices_still_alive_is_clean(ioc, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["42"]
     assert "terminate called" not in out.stderr
+
+
+def test_first_describe_is_one_wire_batch(cl, ioc, monkeypatch):
+    """ophyd's describe() gets every signal that never had a value (bluesky's first read of a
+    Device in a run): those gets leave together too, and a later describe gets nothing."""
+    import epics
+    from ophyd import Component as Cpt
+    from ophyd import Device, EpicsSignalRO
+
+    class Few(Device):
+        a = Cpt(EpicsSignalRO, "long")
+        b = Cpt(EpicsSignalRO, "ao")
+        c = Cpt(EpicsSignalRO, "wf_double")
+        d = Cpt(EpicsSignalRO, "ao_int", kind="config")
+        e = Cpt(EpicsSignalRO, "counter", auto_monitor=True)  # described from its monitor
+
+    dev = Few(ioc.prefix, name="f")
+    dev.wait_for_connection(timeout=10)
+    waits: list[bool] = []
+    real = epics.ca.get_with_metadata
+
+    def counting(*args, **kwargs):
+        waits.append(kwargs.get("wait", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(epics.ca, "get_with_metadata", counting)
+    desc = dev.describe()
+    assert waits == [False] * 3
+    assert desc["f_a"]["dtype"] == "integer" and desc["f_c"]["dtype"] == "array"
+    waits.clear()
+    assert dev.describe_configuration()["f_d"]["dtype"] == "number"
+    assert waits == [True]  # one signal: its own get, no batch
+    waits.clear()
+    assert dev.describe() == desc
+    assert waits == []
+    dev.destroy()

@@ -188,17 +188,19 @@ def _install_event_driven_device_wait() -> None:
 _read_batch_state = threading.local()
 
 
-def _wire_read_pvs(device: Any, kind: Any, out: list[Any]) -> None:
-    """The PVs a ``read()``/``read_configuration()`` of ``device`` will get from the wire.
+def _wire_read_pvs(device: Any, kind: Any, out: list[Any], unread_only: bool = False) -> None:
+    """The PVs a ``read()``/``describe()`` (or their configuration forms) will get from the wire.
 
     Mirrors ophyd's walk (components of ``kind``, sub-Devices recursively); a signal
-    whose reads are served from its monitor is left out.
+    whose reads are served from its monitor is left out.  ``describe`` gets only the
+    signals that never had a value (ophyd's ``_infer_value_kind``): ``unread_only``.
     """
     from ophyd import Device
+    from ophyd.signal import UNSET_VALUE
 
     for _cpt_name, cpt in device._get_components_of_kind(kind):
         if isinstance(cpt, Device):
-            _wire_read_pvs(cpt, kind, out)
+            _wire_read_pvs(cpt, kind, out, unread_only)
             continue
         pv = getattr(cpt, "_read_pv", None)
         if (
@@ -206,12 +208,13 @@ def _wire_read_pvs(device: Any, kind: Any, out: list[Any]) -> None:
             and not getattr(cpt, "_auto_monitor", True)
             and pv.connected
             and pv.context is not None
+            and (not unread_only or getattr(cpt, "_readback", None) is UNSET_VALUE)
         ):
             out.append(pv)
 
 
 def _install_device_read_batch() -> None:
-    """Make ``Device.read()`` and ``read_configuration()`` one wire batch instead of N gets.
+    """Make ``Device.read()``, ``describe()`` and their configuration forms one wire batch.
 
     ophyd reads a Device's signals one after the other, each a blocking round
     trip: ~250 us apiece, 50 ms for 200 signals.  The wrapper first asks for all of
@@ -219,8 +222,10 @@ def _install_device_read_batch() -> None:
     ``get_with_metadata(wait=False)``, one flush), then runs ophyd's method, whose
     gets collect those replies (``BeampipeShimPV.get_with_metadata``).  Every value is
     still a wire read issued after the caller asked, decoded by pyepics as before;
-    only the calling thread's gets inside this call take them.  Set
-    ``BEAMPIPE_CA_READ_BATCH=0`` to not install it.
+    only the calling thread's gets inside this call take them.  ``describe()`` gets
+    the signals that never had a value, which is every unmonitored one on a Device's
+    first describe (bluesky's first read in a run).  Set ``BEAMPIPE_CA_READ_BATCH=0``
+    to not install it.
     """
     from ophyd import Device, Kind
 
@@ -229,14 +234,14 @@ def _install_device_read_batch() -> None:
     ):
         return
 
-    def batched(method: Callable[..., Any], kind: Any) -> Callable[..., Any]:
+    def batched(method: Callable[..., Any], kind: Any, unread_only: bool) -> Callable[..., Any]:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             if getattr(_read_batch_state, "active", False):
                 return method(self, *args, **kwargs)  # a sub-Device: the outer call asked
             pvs: list[Any] = []
             _read_batch_state.active = True
             try:
-                _wire_read_pvs(self, kind, pvs)
+                _wire_read_pvs(self, kind, pvs, unread_only)
                 _prefetch_values(pvs)
                 return method(self, *args, **kwargs)
             finally:
@@ -249,8 +254,10 @@ def _install_device_read_batch() -> None:
         wrapper._beampipe_batched = True  # type: ignore[attr-defined]
         return wrapper
 
-    Device.read = batched(Device.read, Kind.normal)
-    Device.read_configuration = batched(Device.read_configuration, Kind.config)
+    Device.read = batched(Device.read, Kind.normal, False)
+    Device.read_configuration = batched(Device.read_configuration, Kind.config, False)
+    Device.describe = batched(Device.describe, Kind.normal, True)
+    Device.describe_configuration = batched(Device.describe_configuration, Kind.config, True)
 
 
 def _prefetch_values(pvs: list[Any]) -> None:
