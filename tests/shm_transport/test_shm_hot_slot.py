@@ -116,7 +116,7 @@ def test_a_reader_that_never_lets_go_costs_a_bounded_wait_and_is_learned(
 
 def test_a_quick_reader_in_another_process_gets_the_hot_slot(shm_name: str, agents: Any) -> None:
     """Each frame is held 0.2 ms after it is taken, and the producer claims the next a few
-    microseconds after its commit (its 20 ms 'readout' is inside the frame): without the
+    microseconds after its commit (its 40 ms 'readout' is inside the frame): without the
     wait every claim finds the newest slot still leased (or not yet read) and takes another.
 
     The two processes are kept on different CPUs, as a producer and a reader that keep up
@@ -131,7 +131,9 @@ def test_a_quick_reader_in_another_process_gets_the_hot_slot(shm_name: str, agen
     os.sched_setaffinity(reader.pid, {cpus[1]})
     os.sched_setaffinity(0, {cpus[0]})
     try:
-        with Producer(shm_name, SMALL, slots=4, hot_wait=0.005) as p:  # budget 2 ms: 10% of 20
+        # Budget 4 ms (10% of 40): a reader sharing its CPU with another busy process may
+        # wait a scheduler slice (~3 ms) to run; this test is about the waits that end in time.
+        with Producer(shm_name, SMALL, slots=4, hot_wait=0.005) as p:
             reader.expect("ready")
             wait_for_readers(shm_name, 1)
             same = hits = 0
@@ -141,7 +143,7 @@ def test_a_quick_reader_in_another_process_gets_the_hot_slot(shm_name: str, agen
                 before = p._latest_k
                 with p.frame() as f:
                     f["img"][...] = i
-                    time.sleep(0.02)
+                    time.sleep(0.04)
                 same += i > 10 and p._latest_k == before
             assert p.dropped == 0
             hits += p.hot_wait_hits
@@ -151,7 +153,7 @@ def test_a_quick_reader_in_another_process_gets_the_hot_slot(shm_name: str, agen
     done = reader.expect("done")
     assert done["bad"] == 0
     assert done["seqs"] == list(range(1, 71))
-    # a reader kept off its CPU for over 2 ms makes a wait miss (and the next skipped): allowed
+    # a reader kept off its CPU for over 4 ms makes a wait miss (and the next skipped): allowed
     assert hits >= 30, counts
     assert same >= hits, counts
 
