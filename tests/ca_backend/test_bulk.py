@@ -97,9 +97,15 @@ def test_array_replies_after_the_timeout_are_dropped(bank_ioc):
     names = [bank_ioc.pv(f"w{i}") for i in range(BANK_SIZE)]
     assert not beampipe_ca.connect(names, timeout=10)
     ctx = context()
-    ok, failed = ctx.read_time_now(names, 1e-5, readings=False)
-    assert len(ok) + len(failed) == BANK_SIZE
-    assert failed, "all 200 waveforms answered within 10 us: the timeout path was not taken"
+    # A caller descheduled right after issuing (both CPUs busy) finds every reply in: try
+    # again, a bounded number of times, until the timeout path is taken.
+    for _attempt in range(20):
+        ok, failed = ctx.read_time_now(names, 1e-5, readings=False)
+        assert len(ok) + len(failed) == BANK_SIZE
+        if failed:
+            break
+        time.sleep(0.05)
+    assert failed, "all 200 waveforms answered within 10 us, 20 times: no timeout path taken"
     for name, why in failed.items():
         assert why == f"{name}: no reply (timed out after 1e-05 s)"
     time.sleep(0.5)  # the late replies arrive meanwhile
