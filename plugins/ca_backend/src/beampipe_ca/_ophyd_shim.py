@@ -1,13 +1,21 @@
-"""The ophyd control layer ``beampipe-ca``: the pyepics layer, metadata batched, no PV cache.
+"""The ophyd control layer ``beampipe-ca``: pyepics PV objects on beampipe's channels, batched.
 
 What changes against ophyd's own pyepics shim, and why:
 
+* **Channels made for a 200-PV Device.**  pyepics' channel creation and
+  connection handler make ~8 GIL-releasing libca calls per PV, a ``ca.poll()``,
+  and a ``time.sleep(0)`` before every connection callback; in a burst of 200
+  connections each hands the GIL around.  Here a PV object's channel comes from
+  the shared ``_Context`` (``_open``, ``_LinkListener``), registered in pyepics'
+  cache so every ``epics.PV`` method works on it unchanged.
 * **Metadata in batches.**  When a PV connects, ophyd asks for its time and
   ctrl metadata (``get_all_metadata_callback``); the pyepics layer does two
   blocking round trips per PV on four utility threads, so a 200-PV Device
   waits for ~100 sequential round trips.  Here every request that arrives
   while a batch is in flight joins the next one: a Device's PVs get their
   metadata in one or two libca batches (time and ctrl together).
+* **``Device.read()``/``describe()`` in one wire batch** instead of one blocking
+  get per signal (``_install_device_read_batch``).
 * **No shared PV objects.**  ``epics.get_pv`` hands the same PV object to
   every caller with the same name, so two Devices over one prefix share
   callbacks, auto-monitor settings and, on release, a cleared channel
@@ -16,14 +24,13 @@ What changes against ophyd's own pyepics shim, and why:
   object using it is released.
 * **One libca, one context**: the PVs are pyepics PVs on epicscorelibs'
   libca, in the context aioca and beampipe-ca's bulk reads use.
-
 * **Monitors on per-Device lanes** (``_monitors``): a slow callback stalls
   only its own top-level Device, and a Device's callbacks keep their order
   (EpicsMotor's RBV before DMOV).
 
-Everything else (puts with completion, connection and access callbacks on
-ophyd's dispatcher threads) is ophyd's own ``PyepicsShimPV``, so devices
-behave as they do on the pyepics layer.
+Everything else (gets, puts with completion, monitors, connection and access
+callbacks on ophyd's dispatcher threads) is ophyd's own ``PyepicsShimPV`` and
+pyepics', so devices behave as they do on the pyepics layer.
 """
 
 from __future__ import annotations
