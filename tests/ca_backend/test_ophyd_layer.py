@@ -419,3 +419,33 @@ def test_first_describe_is_one_wire_batch(cl, ioc, monkeypatch):
     assert dev.describe() == desc
     assert waits == []
     dev.destroy()
+
+
+def test_device_read_from_a_thread_without_a_ca_context(cl, ioc):
+    """A plan's thread may never have touched CA: the batched read attaches it to the shared
+    context first (libca would otherwise make it a new one, where the gets never complete)."""
+    from ophyd import Component as Cpt
+    from ophyd import Device, EpicsSignalRO
+
+    class Two(Device):
+        a = Cpt(EpicsSignalRO, "long")
+        b = Cpt(EpicsSignalRO, "ao")
+
+    dev = Two(ioc.prefix, name="t")
+    dev.wait_for_connection(timeout=10)
+    out: dict[str, object] = {}
+
+    def plan_thread() -> None:
+        try:
+            out["describe"] = dev.describe()
+            out["read"] = dev.read()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            out["error"] = exc
+
+    worker = threading.Thread(target=plan_thread, name="fresh")
+    worker.start()
+    worker.join(30)
+    assert "error" not in out, out.get("error")
+    read = out["read"]
+    assert isinstance(read, dict) and read["t_a"]["value"] == 42
+    dev.destroy()

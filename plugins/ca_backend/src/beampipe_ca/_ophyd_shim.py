@@ -271,6 +271,13 @@ def _prefetch_values(pvs: list[Any]) -> None:
     """Put one DBR_TIME get per PV on the wire, as its own ``get_with_metadata`` would."""
     if len(pvs) < 2:
         return  # one signal: its own get is just as fast
+    try:
+        # pyepics' module-level calls use the calling thread's context (its PV methods
+        # attach their own): a thread with none would get a fresh one from libca.
+        ca_context().attach()
+    except Exception as exc:  # noqa: BLE001 - another context here: ophyd's gets, one by one
+        logger.debug("Device read not batched: %s", exc)
+        return
     me = threading.get_ident()
     issued = False
     for pv in pvs:
