@@ -304,10 +304,26 @@ def test_last_release_clears_the_channel_unless_a_bulk_read_uses_it(cl, ioc):
     assert ctx._unpinned == unpinned
 
 
-def test_device_read_is_one_wire_batch_with_the_same_values(cl, ioc, monkeypatch):
+@pytest.fixture
+def get_waits(monkeypatch):
+    """The ``wait`` argument of every pyepics ``ca.get_with_metadata`` call made from now on:
+    False for a get put on the wire ahead of a batch, True for a get that waits on its own."""
+    import epics
+
+    waits: list[bool] = []
+    real = epics.ca.get_with_metadata
+
+    def counting(*args, **kwargs):
+        waits.append(kwargs.get("wait", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(epics.ca, "get_with_metadata", counting)
+    return waits
+
+
+def test_device_read_is_one_wire_batch_with_the_same_values(cl, ioc, get_waits):
     """Device.read() asks for all of its non-monitored PVs at once, then ophyd's gets collect
     them: values as the one-by-one gets give them, and fresh (the counter moves on)."""
-    import epics
     from ophyd import Component as Cpt
     from ophyd import Device, EpicsSignal, EpicsSignalRO
 
@@ -327,14 +343,8 @@ def test_device_read_is_one_wire_batch_with_the_same_values(cl, ioc, monkeypatch
         f"m_{name}": getattr(dev, name).get(use_monitor=False)
         for name in ("ao", "long", "text", "enum", "wf", "empty")
     }
-    waits: list[bool] = []
-    real = epics.ca.get_with_metadata
-
-    def counting(*args, **kwargs):
-        waits.append(kwargs.get("wait", True))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(epics.ca, "get_with_metadata", counting)
+    waits = get_waits
+    waits.clear()
     first = dev.read()
     assert waits == [False] * 7  # seven requests put on the wire together, no get of its own
     for key, value in one_by_one.items():
@@ -385,10 +395,9 @@ def test_exit_with_devices_still_alive_is_clean(ioc, tmp_path):
     assert "terminate called" not in out.stderr
 
 
-def test_first_describe_is_one_wire_batch(cl, ioc, monkeypatch):
+def test_first_describe_is_one_wire_batch(cl, ioc, get_waits):
     """ophyd's describe() gets every signal that never had a value (bluesky's first read of a
     Device in a run): those gets leave together too, and a later describe gets nothing."""
-    import epics
     from ophyd import Component as Cpt
     from ophyd import Device, EpicsSignalRO
 
@@ -401,14 +410,8 @@ def test_first_describe_is_one_wire_batch(cl, ioc, monkeypatch):
 
     dev = Few(ioc.prefix, name="f")
     dev.wait_for_connection(timeout=10)
-    waits: list[bool] = []
-    real = epics.ca.get_with_metadata
-
-    def counting(*args, **kwargs):
-        waits.append(kwargs.get("wait", True))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(epics.ca, "get_with_metadata", counting)
+    waits = get_waits
+    waits.clear()
     desc = dev.describe()
     assert waits == [False] * 3
     assert desc["f_a"]["dtype"] == "integer" and desc["f_c"]["dtype"] == "array"
