@@ -34,16 +34,29 @@ from .conftest import IMAGE, PvaServer
 QSRV_RECORDS = ("ao", "long", "str", "enum", "wf", "alarmed")
 
 
-def wait_native(names: list[str], states: tuple[str, ...] = ("ready",), timeout: float = 5.0):
+def wait_native(
+    names: list[str],
+    states: tuple[str, ...] = ("ready",),
+    timeout: float = 5.0,
+    read_timeout: float = 1.0,
+):
     """Read until the native path has taken these PVs (it does from a PV's second read)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        beampipe_pva.bulk_get_raw(names, timeout=1.0)
+        beampipe_pva.bulk_get_raw(names, timeout=read_timeout)
         if all(beampipe_pva.native_state(n) in states for n in names):
             return
         time.sleep(0.02)
     got = {n: beampipe_pva.native_state(n) for n in names}
     raise AssertionError(f"native path not {states} in {timeout} s: {got}")
+
+
+def _native_on(server: Any, name: str, monkeypatch: Any) -> None:
+    """A fresh context whose native search finds only this scripted server, read until the
+    native path has ``name`` (p4p does not find the server: its reads fail fast, 0.2 s)."""
+    beampipe_pva.close_context()
+    monkeypatch.setattr(_native, "search_addresses", lambda *a: [server.search_address])
+    wait_native([name], timeout=10, read_timeout=0.2)
 
 
 def execs() -> int:
@@ -558,12 +571,7 @@ def test_delta_replies_are_merged_into_the_previous_copy(monkeypatch) -> None:
     bulk_get still returns the value, bulk_get_raw still has the alarm, never defaults."""
     name = "DELTA:x"
     with DeltaServer(name) as server:
-        beampipe_pva.close_context()
-        monkeypatch.setattr(_native, "search_addresses", lambda *a: [server.search_address])
-        deadline = time.monotonic() + 10
-        while beampipe_pva.native_state(name) != "ready":  # two p4p reads (not found), then native
-            assert time.monotonic() < deadline, beampipe_pva.native_state(name)
-            beampipe_pva.bulk_get_raw([name], timeout=0.2)
+        _native_on(server, name, monkeypatch)
         assert beampipe_pva.bulk_get([name]) == {name: 4.5}  # the value GET's first EXEC
         server.record["timeStamp.nanoseconds"] = 5
         assert beampipe_pva.bulk_get([name]) == {name: 4.5}
@@ -590,12 +598,7 @@ def test_an_array_a_caller_changed_is_not_what_a_delta_read_returns(monkeypatch)
     so a caller that changes its array in place does not change the next read."""
     name = "DELTA:wf"
     with DeltaServer(name, array=True) as server:
-        beampipe_pva.close_context()
-        monkeypatch.setattr(_native, "search_addresses", lambda *a: [server.search_address])
-        deadline = time.monotonic() + 10
-        while beampipe_pva.native_state(name) != "ready":
-            assert time.monotonic() < deadline, beampipe_pva.native_state(name)
-            beampipe_pva.bulk_get_raw([name], timeout=0.2)
+        _native_on(server, name, monkeypatch)
         mine = beampipe_pva.bulk_get([name])[name]
         np.testing.assert_array_equal(mine, [1.0, 2.0, 3.0])
         mine[0] = 99.0  # e.g. a background subtracted in place
@@ -714,12 +717,7 @@ def test_a_native_read_unanswered_at_the_deadline_says_so(monkeypatch, caplog) -
     answer = (_scalar_type(b"\x43"), lambda: b"\x01\x02" + struct.pack("<d", 3.0))
     with Silent(name, [answer]) as server:
         server.mute = False
-        beampipe_pva.close_context()
-        monkeypatch.setattr(_native, "search_addresses", lambda *a: [server.search_address])
-        deadline = time.monotonic() + 10
-        while beampipe_pva.native_state(name) != "ready":
-            assert time.monotonic() < deadline, beampipe_pva.native_state(name)
-            beampipe_pva.bulk_get_raw([name], timeout=0.2)
+        _native_on(server, name, monkeypatch)
         assert beampipe_pva.bulk_get([name]) == {name: 3.0}
         server.mute = True
         caplog.clear()
