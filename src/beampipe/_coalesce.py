@@ -73,10 +73,14 @@ class _AsyncWaiter(_Waiter[K, V]):
         self.future: asyncio.Future[dict[K, Outcome[V]]] = loop.create_future()
 
 
-def _finish_all(waiters: list[_AsyncWaiter[Any, Any]]) -> None:
-    for waiter in waiters:
-        if not waiter.future.done():
-            waiter.future.set_result(waiter.results)
+def _finish_all(finished: list[tuple[Any, Any]]) -> None:
+    """On the waiters' loop: ``(future, outcome)`` of single-key awaits, ``(waiter, None)``."""
+    for waiter, outcome in finished:
+        if outcome is None:
+            outcome = waiter.results
+            waiter = waiter.future
+        if not waiter.done():
+            waiter.set_result(outcome)
 
 
 class Coalescer(Generic[K, V]):
@@ -96,7 +100,8 @@ class Coalescer(Generic[K, V]):
         self.name = name
         self._planner: Planner[K, V] = Planner(max_batch=max_batch, max_in_flight=max_in_flight)
         self._lock = threading.Lock()
-        self._waiters: dict[Ticket, _Waiter[K, V]] = {}
+        #: ticket -> its caller: a waiter for a set of keys, or a single-key await's future
+        self._waiters: dict[Ticket, _Waiter[K, V] | asyncio.Future[Outcome[V]]] = {}
         self._pump_scheduled: set[asyncio.AbstractEventLoop] = set()
         # loop -> (deadline on our clock, the timer that fires then)
         self._timers: dict[asyncio.AbstractEventLoop, tuple[float, asyncio.TimerHandle]] = {}
@@ -142,12 +147,11 @@ class Coalescer(Generic[K, V]):
             _check_timeout(timeout)
         loop = _get_running_loop()
         deadline = self._clock() + timeout
-        waiter: _AsyncWaiter[K, V] = _AsyncWaiter(loop)
+        # The waiter of a single-key await is its future itself: the outcome is set on it.
+        future: asyncio.Future[Outcome[V]] = loop.create_future()
         with self._lock:
             ticket = self._planner.request(op, key, deadline=deadline, route=route)
-            self._waiters[ticket] = waiter
-            waiter.keys[ticket] = key
-            waiter.remaining = 1
+            self._waiters[ticket] = future
             if loop not in self._pump_scheduled:
                 self._pump_scheduled.add(loop)
                 loop.call_soon(self._pump_from_loop, loop)
@@ -155,13 +159,12 @@ class Coalescer(Generic[K, V]):
         if armed is None or armed[0] > deadline:
             self._arm_timer(loop, deadline)
         try:
-            results = await waiter.future
+            return await future
         except asyncio.CancelledError:
             with self._lock:
                 if self._waiters.pop(ticket, None) is not None:
                     self._planner.cancel(ticket)
             raise
-        return results[key]
 
     async def get_many_async(
         self,
@@ -230,9 +233,7 @@ class Coalescer(Generic[K, V]):
         self._timers.pop(loop, None)
         self._expire()
         with self._lock:
-            left = any(
-                isinstance(w, _AsyncWaiter) and w.loop is loop for w in self._waiters.values()
-            )
+            left = any(_loop_of(w) is loop for w in self._waiters.values())
             nearest = self._planner.next_deadline() if left else None
         if nearest is not None:
             self._arm_timer(loop, nearest)
@@ -276,25 +277,42 @@ class Coalescer(Generic[K, V]):
         if not deliveries:
             return
         done_sync: list[_SyncWaiter[K, V]] = []
-        done_async: dict[asyncio.AbstractEventLoop, list[_AsyncWaiter[Any, Any]]] = {}
+        # loop -> what to finish there: (waiter, None) or (single-key future, its outcome)
+        done_async: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+        last_loop: asyncio.AbstractEventLoop | None = None
+        last: list[tuple[Any, Any]] = []
         with self._lock:
             pop = self._waiters.pop
             for ticket, outcome in deliveries:
                 waiter = pop(ticket, None)
-                if waiter is None or not waiter.deliver(ticket, outcome):
+                if waiter is None:
                     continue
-                if isinstance(waiter, _SyncWaiter):
+                if not isinstance(waiter, _Waiter):  # the common case: one await, one key
+                    loop = waiter.get_loop()
+                    if loop is not last_loop:
+                        last_loop = loop
+                        last = done_async.setdefault(loop, [])
+                    last.append((waiter, outcome))
+                elif not waiter.deliver(ticket, outcome):
+                    continue
+                elif isinstance(waiter, _SyncWaiter):
                     done_sync.append(waiter)
                 else:
                     assert isinstance(waiter, _AsyncWaiter)
-                    done_async.setdefault(waiter.loop, []).append(waiter)
+                    done_async.setdefault(waiter.loop, []).append((waiter, None))
         for sync_waiter in done_sync:
             sync_waiter.event.set()
-        for loop, waiters in done_async.items():
+        for loop, finished in done_async.items():
             if _running_loop() is loop:
-                _finish_all(waiters)
+                _finish_all(finished)
             elif not loop.is_closed():
-                loop.call_soon_threadsafe(_finish_all, waiters)
+                loop.call_soon_threadsafe(_finish_all, finished)
+
+
+def _loop_of(waiter: Any) -> asyncio.AbstractEventLoop | None:
+    if isinstance(waiter, _AsyncWaiter):
+        return waiter.loop
+    return None if isinstance(waiter, _Waiter) else waiter.get_loop()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

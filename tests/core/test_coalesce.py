@@ -95,6 +95,25 @@ async def test_gather_in_one_loop_turn_is_one_batch(server: FakeServer) -> None:
     assert server.batches == [tuple(keys)]
 
 
+async def test_single_and_many_key_awaits_and_a_thread_share_one_batch(
+    server: FakeServer,
+) -> None:
+    """Each kind of caller gets its own outcomes, however the batch's replies are shared."""
+    c: Coalescer[str, str] = Coalescer(server)
+    loop = asyncio.get_running_loop()
+    # A thread's read of the same keys, made while the loop's batch is in flight.
+    from_thread = loop.run_in_executor(None, c.get_many, "read", ["A", "Z"], 2.0)
+    got = await asyncio.gather(
+        c.get_async("read", "A", timeout=2),
+        c.get_many_async("read", ["A", "B", "MISSING"], timeout=2),
+        c.get_async("read", "B", timeout=2),
+    )
+    assert got[0] == Ok("A!") and got[2] == Ok("B!")
+    assert got[1] == {"A": Ok("A!"), "B": Ok("B!"), "MISSING": Ok("MISSING!")}
+    assert await from_thread == {"A": Ok("A!"), "Z": Ok("Z!")}
+    assert not c._waiters
+
+
 async def test_lone_await_is_not_held_back(server: FakeServer) -> None:
     c: Coalescer[str, str] = Coalescer(server)
     t0 = time.perf_counter()
