@@ -43,8 +43,11 @@ __all__ = [
 logger = logging.getLogger("beampipe_ca")
 
 EPICS_EPOCH = 631152000
+#: epicscorelibs' own constant (the same number), for values decoded its way.
+_EPICS_EPOCH_DBR = EPICS_EPOCH
 ECA_NORMAL = 1
 ECA_TIMEOUT = 80
+ECA_IODONE = 339
 CA_OP_CONN_UP = 6
 CS_CONN = 2
 MAX_STRING_SIZE = 40
@@ -62,6 +65,8 @@ _TIME_LAYOUT: dict[int, tuple[int, np.dtype[Any], str | None]] = {
     6: (16, np.dtype("<f8"), "<d"),  # DOUBLE
 }
 _MAX_KEYS = 1 << 24
+#: Batches this small gain nothing from a sync group.
+_SG_MIN = 4
 
 
 def _time_dtype(native: int) -> np.dtype[Any]:
@@ -318,7 +323,7 @@ class _GetBatch:
     atomic: no lock on the per-reply path.
     """
 
-    __slots__ = ("complete", "counter", "decoders", "keys", "results", "total")
+    __slots__ = ("complete", "counter", "decoders", "keys", "results", "sg", "total")
 
     def __init__(
         self,
@@ -331,11 +336,47 @@ class _GetBatch:
         self.results: dict[Any, Outcome[Any]] = {}
         self.decoders: list[Callable[..., Any] | None] = [None] * len(keys)
         self.counter = itertools.count(1)
+        #: The scalars fetched through a synchronous group, if any (see _Context._issue_sg).
+        self.sg: _SyncGroup | None = None
 
     def settle(self, key: Any, outcome: Outcome[Any]) -> None:
         self.results[key] = outcome
         if next(self.counter) == self.total:
             self.complete(self.results)
+
+
+class _SyncGroup:
+    """The scalars of one batch fetched with ``ca_sg_array_get``: no Python per reply.
+
+    libca writes each DBR_TIME reply into its record of ``records`` (one record
+    array per DBR type); one more read of the last member's PV, the sentinel,
+    goes out behind them with a callback.  A server answers a circuit's reads
+    in order, so when the sentinel's reply is in, ``ca_sg_test`` normally says
+    the group is done and all of them are decoded at once; a server that
+    reorders (a gateway may) is waited for with ``ca_sg_block`` on a thread of
+    its own.
+    Each record's severity starts as -1, a value no IOC sends, so a read the
+    server never answered (a disconnect mid-read) fails alone.
+    """
+
+    __slots__ = ("blocked", "deadline", "gid", "members", "n", "records")
+
+    def __init__(self, gid: int, n: int, deadline: float) -> None:
+        self.gid = gid
+        #: A thread waits in ca_sg_block on it (the group must live until that returns).
+        self.blocked = False
+        self.n = n
+        self.deadline = deadline
+        #: dbrcode -> record array libca writes into (kept alive until ca_sg_delete)
+        self.records: dict[int, np.ndarray[Any, Any]] = {}
+        #: (index in the batch, dbrcode, row in that record array)
+        self.members: list[tuple[int, int, int]] = []
+
+    def allocate(self, dbrcode: int) -> list[int]:
+        """Records for up to ``n`` replies of one DBR_TIME type: [address, size, next row]."""
+        records = self.records[dbrcode] = np.empty(self.n, _TIME_DTYPES[dbrcode - 14])
+        records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
+        return [records.ctypes.data, records.itemsize, 0]
 
 
 class _ArrayBatch:
@@ -403,6 +444,19 @@ class _Context:
             ctypes.c_int, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
         )(("ca_array_get", self.lib))
         self.lib.ca_pend_io.argtypes = [ctypes.c_double]
+        # Sync groups: the short calls keep the GIL; ca_sg_block (CDLL) lets it go.
+        u = ctypes.c_uint
+        self.sg_create = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.POINTER(u))(
+            ("ca_sg_create", self.lib)
+        )
+        self.sg_delete = ctypes.PYFUNCTYPE(ctypes.c_int, u)(("ca_sg_delete", self.lib))
+        self.sg_test = ctypes.PYFUNCTYPE(ctypes.c_int, u)(("ca_sg_test", self.lib))
+        self.sg_get = ctypes.PYFUNCTYPE(
+            ctypes.c_int, u, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
+        )(("ca_sg_array_get", self.lib))
+        self.lib.ca_sg_block.argtypes = [u, ctypes.c_double]
+        #: Scalars of batches go through sync groups (``BEAMPIPE_CA_SYNC_GROUPS=0``: callbacks).
+        self.use_sync_groups = os.environ.get("BEAMPIPE_CA_SYNC_GROUPS", "1") != "0"
         # The same for the getters the connection callbacks call (200 of them in a row for
         # a Device): each CDLL call would hand the GIL to whichever thread wants it.
         vp = ctypes.c_void_p
@@ -435,6 +489,7 @@ class _Context:
         self._conn_cb = _CONN_CB(self._on_connection)
         self._event_cb = _EVENT_CB(self._on_get)
         self._array_cb = _EVENT_CB(self._on_array)
+        self._sentinel_cb = _EVENT_CB(self._on_sentinel)
         self.io = _ReadIO(self)
         self.reads: Coalescer[Any, Any] = Coalescer(self.io, max_batch=4000, name="ca")
 
@@ -668,15 +723,26 @@ class _Context:
         complete: Callable[[Mapping[Any, Outcome[Any]]], None],
         plan: Callable[[Channel, Any], tuple[int, int, Callable[..., Any]]],
     ) -> None:
-        """Put one ``ca_array_get_callback`` per key on the wire, then flush once."""
-        self._issue(batch.keys, complete, plan)
+        """Put the batch on the wire (see :meth:`_issue`), then flush once."""
+        self._issue(batch.keys, complete, plan, batch.deadline)
 
     def _issue(
         self,
         keys: tuple[Any, ...] | list[Any],
         complete: Callable[[Mapping[Any, Outcome[Any]]], None],
         plan: Callable[[Channel, Any], tuple[int, int, Callable[..., Any]]],
+        deadline: float | None = None,
     ) -> _GetBatch:
+        """One ``ca_array_get_callback`` per key, except scalars: those go in a sync group.
+
+        A callback costs ~5-10 us of Python on libca's receive thread per reply
+        (the ctypes trampoline, the GIL, the bookkeeping), and the replies of a
+        batch queue behind each other there: for the 200 scalars of an
+        ophyd-async ``Device.read()`` that was half of the read.  Scalars of our
+        own channels are fetched with ``ca_sg_array_get`` instead (no Python per
+        reply, see :class:`_SyncGroup`).  ``deadline`` (``time.monotonic``) bounds
+        the wait of a sync group whose server answers out of order.
+        """
         if len(keys) > _MAX_KEYS:
             raise CaError(f"at most {_MAX_KEYS} PVs per batch, got {len(keys)}")
         self.attach()
@@ -693,12 +759,16 @@ class _Context:
         base = batch_no << 24
         failed: list[tuple[Any, Failed]] = []
         issued = 0
+        use_sg = self.use_sync_groups and len(keys) >= _SG_MIN
         queue_get, cb, channels, decoders = (
             self.queue_get,
             self._event_cb,
             self._channels,
             state.decoders,
         )
+        sg: _SyncGroup | None = None
+        rows: dict[int, list[int]] = {}  # dbrcode -> [record address, record size, next row]
+        sentinel = None
         for idx, key in enumerate(keys):
             name = key if isinstance(key, str) else key[0]
             chan = channels.get(name)
@@ -718,6 +788,24 @@ class _Context:
                         failed.append((key, Failed(f"{name}: channel released")))
                         continue
                     status = queue_get(dbrcode, count, chan.chid, cb, base | idx)
+            elif use_sg and 14 <= dbrcode <= 20 and (count or chan.count) == 1:
+                # A scalar on a pinned channel (never cleared, so every read gets an answer).
+                if sg is None:
+                    sg = self._new_sync_group(len(keys), deadline)
+                slot = rows.get(dbrcode)
+                if slot is None:
+                    slot = rows[dbrcode] = sg.allocate(dbrcode)
+                addr, size, row = slot
+                slot[2] = row + 1
+                status = self.sg_get(sg.gid, dbrcode, 1, chan.chid, addr + row * size)
+                if status == ECA_NORMAL:
+                    sg.members.append((idx, dbrcode, row))
+                    sentinel = chan
+                    issued += 1
+                else:
+                    why = f"ca_sg_array_get: {self.message(status)}"
+                    failed.append((key, Failed(f"{name}: {why}")))
+                continue
             else:
                 status = queue_get(dbrcode, count, chan.chid, cb, base | idx)
             if status != ECA_NORMAL:
@@ -726,16 +814,121 @@ class _Context:
                 )
                 continue
             issued += 1
+        if sg is not None:
+            state.sg = sg
+            if sentinel is None:  # every group read failed to queue
+                self._settle_sg(state, "not read")
+            else:
+                # One more read, with a callback, behind the group's on the same circuit:
+                # its reply tells that the group's replies are in (see _SyncGroup).
+                status = queue_get(sentinel.native, 1, sentinel.chid, self._sentinel_cb, batch_no)
+                if status != ECA_NORMAL:
+                    self._wait_sg_thread(state)  # no sentinel will come: wait elsewhere
         if issued:
             self.lib.ca_flush_io()
         for key, outcome in failed:
             state.settle(key, outcome)
         return state
 
+    def _new_sync_group(self, n: int, deadline: float | None) -> _SyncGroup:
+        gid = ctypes.c_uint()
+        status = self.sg_create(ctypes.byref(gid))
+        if status != ECA_NORMAL:
+            raise CaError(f"ca_sg_create failed: {self.message(status)}")
+        return _SyncGroup(gid.value, n, time.monotonic() + 10.0 if deadline is None else deadline)
+
+    def _on_sentinel(self, args: _EventArgs) -> None:
+        _pin_thread_state()
+        try:
+            state = self._gets.get(args.usr or 0)
+            if state is not None:
+                self._finish_sg(state)
+        except Exception:
+            logger.exception("beampipe_ca sync group completion failed")
+
+    def _finish_sg(self, state: _GetBatch) -> None:
+        """The sentinel's reply is in: decode the group, or wait for it elsewhere if not done."""
+        sg = state.sg
+        if sg is None or sg.gid < 0:
+            return
+        if self.sg_test(sg.gid) != ECA_IODONE:  # a server that answers out of order
+            self._wait_sg_thread(state)
+            return
+        self._settle_sg(state, "no reply (disconnected)")
+
+    def _wait_sg_thread(self, state: _GetBatch) -> None:
+        def wait() -> None:
+            with self._lock:
+                sg = state.sg
+                if sg is None or sg.gid < 0:
+                    return  # given up on meanwhile
+                sg.blocked = True  # _give_up must not delete it under ca_sg_block
+            self.attach()
+            status = self.lib.ca_sg_block(sg.gid, max(1e-3, sg.deadline - time.monotonic()))
+            why = "timed out" if status == ECA_TIMEOUT else "disconnected"
+            self._settle_sg(state, f"no reply ({why})")
+
+        threading.Thread(target=wait, name="beampipe-ca-sg", daemon=True).start()
+
+    def _settle_sg(self, state: _GetBatch, why: str) -> None:
+        sg = state.sg
+        assert sg is not None
+        state.sg = None
+        try:
+            keys, decoders, settle = state.keys, state.decoders, state.settle
+            # Each record array's columns as lists, in one numpy call per column.
+            columns: dict[int, tuple[Any, ...]] = {
+                code: (
+                    recs["value"].tolist() if code != 14 else None,
+                    recs["status"].tolist(),
+                    recs["severity"].tolist(),
+                    recs["secs"].tolist(),
+                    recs["nsec"].tolist(),
+                    recs.ctypes.data,
+                    recs.itemsize,
+                )
+                for code, recs in sg.records.items()
+            }
+            for idx, dbrcode, row in sg.members:
+                key = keys[idx]
+                values, statuses, severities, secs, nsecs, base, size = columns[dbrcode]
+                if severities[row] == -1:
+                    name = key if isinstance(key, str) else key[0]
+                    settle(key, Failed(f"{name}: {why}"))
+                    continue
+                decode = decoders[idx]
+                try:
+                    if type(decode) is _AugScalar:
+                        value = decode.fields(
+                            values[row], statuses[row], severities[row], secs[row], nsecs[row]
+                        )
+                    else:
+                        value = decode(base + row * size, dbrcode, 1)  # type: ignore[misc]
+                    outcome: Outcome[Any] = Ok(value)
+                except Exception as exc:  # noqa: BLE001 - a bad reply fails its PV alone
+                    outcome = Failed(f"{key}: could not decode the reply: {exc!r}")
+                settle(key, outcome)
+        finally:
+            self._drop_sg(sg)
+
+    def _drop_sg(self, sg: _SyncGroup) -> None:
+        """Delete the group once: it cancels what is outstanding, so libca writes no more."""
+        with self._lock:
+            if sg.gid < 0:
+                return
+            gid, sg.gid = sg.gid, -1
+        self.sg_delete(gid)
+
     def _give_up(self, state: _GetBatch, timeout: float) -> dict[Any, Outcome[Any]]:
         for batch_no, found in list(self._gets.items()):
             if found is state:
                 self._gets.pop(batch_no, None)
+        sg = state.sg
+        if sg is not None and not sg.blocked:
+            # No sentinel will find the batch now: stop libca writing into its records.
+            # (A blocked wait deletes its group itself, by its deadline.)
+            state.sg = None
+            self._drop_sg(sg)
         results = dict(state.results)
         for key in state.keys:
             if key not in results:
@@ -785,7 +978,11 @@ class _Context:
             return _split(self.read_now(rest, timeout, self.io.plans["time"]), readings)
         deadline = time.monotonic() + timeout
         done = threading.Event()
-        state = self._issue(rest, lambda _r: done.set(), self.io.plans["time"]) if rest else None
+        state = (
+            self._issue(rest, lambda _r: done.set(), self.io.plans["time"], deadline)
+            if rest
+            else None
+        )
         # Arrays first: theirs are the longest replies.
         array_batch = self._issue_arrays(arrays) if arrays else None
         ok: dict[str, Any] = {}
@@ -939,7 +1136,7 @@ class _Context:
         per-key futures, which would cost more than the wire time of the batch.
         """
         done = threading.Event()
-        state = self._issue(keys, lambda _r: done.set(), plan)
+        state = self._issue(keys, lambda _r: done.set(), plan, time.monotonic() + timeout)
         if not done.wait(timeout):
             return self._give_up(state, timeout)
         return state.results
@@ -958,7 +1155,7 @@ class _Context:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_set_none, fut)
 
-        state = self._issue(keys, complete, plan)
+        state = self._issue(keys, complete, plan, time.monotonic() + timeout)
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -1106,6 +1303,48 @@ def _decode_stamp(raw: int, _dbr: int, _count: int) -> tuple[int, int, int, int]
     return status, severity, secs + EPICS_EPOCH, nsec
 
 
+class _AugScalar:
+    """epicscorelibs' decoding of one numeric DBR_TIME scalar, as aioca hands it to ophyd-async.
+
+    The same ``ca_float``/``ca_int`` with the same attributes (a test holds the
+    two side by side for every type), made from the fields a sync group's record
+    array yields all at once (:meth:`fields`) instead of a ctypes cast per reply.
+    """
+
+    __slots__ = ("base", "count", "name", "scalar", "unpack")
+
+    def __init__(self, name: str, dbrcode: int, base: int, count: int) -> None:
+        from epicscorelibs.ca import dbr
+
+        self.name, self.base, self.count = name, base, count
+        self.scalar = dbr.DbrCodeToType[dbrcode].scalar
+        off, _dtype, fmt = _TIME_LAYOUT[dbrcode - 14]
+        layout = struct.Struct(f"<hhII{off - 12}x{fmt.lstrip('<')}")  # type: ignore[union-attr]
+        self.unpack = layout.unpack_from
+
+    def __call__(self, raw: int, _dbrcode: int, _count: int) -> Any:
+        status, severity, secs, nsec, value = self.unpack(
+            ctypes.string_at(raw, self.unpack.__self__.size)  # type: ignore[attr-defined]
+        )
+        return self.fields(value, status, severity, secs, nsec)
+
+    def fields(self, value: Any, status: int, severity: int, secs: int, nsec: int) -> Any:
+        secs += _EPICS_EPOCH_DBR
+        result = self.scalar(value)
+        # A new dict in one go: half the time of setting eight attributes.
+        result.__dict__ = {
+            "status": status,
+            "severity": severity,
+            "raw_stamp": (secs, nsec),
+            "timestamp": round(secs + nsec * 1e-9, 6),
+            "name": self.name,
+            "ok": True,
+            "element_count": self.count,
+            "datatype": self.base,
+        }
+        return result
+
+
 class _ReadIO:
     """The BatchIO the Coalescer drives: ops ``time``, ``ctrl``, ``aug`` (aioca), ``meta``."""
 
@@ -1175,6 +1414,13 @@ class _ReadIO:
             from epicscorelibs.ca import dbr
 
             dbrcode, decode = dbr.type_to_dbr(chan, datatype, fmt)
+            if (
+                15 <= dbrcode <= 20  # a numeric DBR_TIME scalar, asked for as a plain DBR type
+                and chan.count == 1
+                and datatype in (None, 1, 2, 3, 4, 5, 6)
+                and not chan.name.endswith("$")  # (epicscorelibs reads those as strings)
+            ):
+                decode = _AugScalar(chan.name, dbrcode, dbrcode - 14, 1)
             found = chan.decoders[cache_key] = (dbrcode, 0, decode)
         return found
 
