@@ -76,6 +76,10 @@ class Delivery(NamedTuple, Generic[V]):
     outcome: Outcome[V]
 
 
+# Delivery(ticket, outcome) without the Python-level __new__ NamedTuple adds: one per read.
+_delivery = tuple.__new__
+
+
 @dataclass(slots=True)
 class _Request(Generic[K]):
     ticket: Ticket
@@ -120,15 +124,19 @@ class Planner(Generic[K, V]):
         """Queue one caller's request; it leaves at the next :meth:`plan` its route allows."""
         if not isinstance(op, str) or not op:
             raise ValueError(f"op must be a non-empty string, got {op!r}")
+        group_key = (op, route)
         try:
             hash(key)
-            hash(route)
+            group = self._pending.get(group_key)  # hashes the route
         except TypeError as exc:
             raise TypeError(f"key and route must be hashable: {key!r}, {route!r}") from exc
         ticket = self._next_ticket
-        self._next_ticket += 1
+        self._next_ticket = ticket + 1
         self._requests[ticket] = _Request(ticket, op, key, route, deadline)
-        self._pending.setdefault((op, route), []).append(ticket)
+        if group is None:
+            self._pending[group_key] = [ticket]
+        else:
+            group.append(ticket)
         return ticket
 
     def request_many(
@@ -184,14 +192,18 @@ class Planner(Generic[K, V]):
         waiting: dict[K, list[Ticket]] = {}
         taken = 0
         latest = float("-inf")
+        batch_id, requests, max_batch = self._next_batch, self._requests, self.max_batch
         for ticket in tickets:
-            req = self._requests[ticket]
+            req = requests[ticket]
             key = req.key
-            if key not in waiting:
-                if len(waiting) == self.max_batch:
+            shared = waiting.get(key)
+            if shared is None:
+                if len(waiting) == max_batch:
                     break
-                waiting[key] = []
-            waiting[key].append(ticket)
+                waiting[key] = [ticket]
+            else:
+                shared.append(ticket)
+            req.batch = batch_id
             if req.deadline > latest:
                 latest = req.deadline
             taken += 1
@@ -200,12 +212,9 @@ class Planner(Generic[K, V]):
             self._pending[group] = rest
         else:
             del self._pending[group]
-        batch = Batch(self._next_batch, group[0], group[1], tuple(waiting), latest)
-        self._next_batch += 1
-        for ticket_list in waiting.values():
-            for ticket in ticket_list:
-                self._requests[ticket].batch = batch.id
-        self._in_flight[batch.id] = _InFlight(batch, waiting)
+        batch = Batch(batch_id, group[0], group[1], tuple(waiting), latest)
+        self._next_batch = batch_id + 1
+        self._in_flight[batch_id] = _InFlight(batch, waiting)
         self._busy[group] = self._busy.get(group, 0) + 1
         return batch
 
@@ -218,14 +227,18 @@ class Planner(Generic[K, V]):
             return []
         self._free_slot(flight.batch)
         out: list[Delivery[V]] = []
+        requests, shared = self._requests, False
         for key, tickets in flight.waiting.items():
             outcome = results.get(key)
             if outcome is None:
                 outcome = Failed(f"{key}: no result in the reply to batch {batch_id}")
+            if len(tickets) > 1:
+                shared = True
             for ticket in tickets:
-                del self._requests[ticket]
-                out.append(Delivery(ticket, outcome))
-        out.sort(key=lambda d: d.ticket)
+                del requests[ticket]
+                out.append(_delivery(Delivery, (ticket, outcome)))
+        if shared:  # (keys are in the order of their first ticket: sorted unless shared)
+            out.sort(key=lambda d: d.ticket)
         return out
 
     def fail_batch(self, batch_id: int, reason: str) -> list[Delivery[V]]:
