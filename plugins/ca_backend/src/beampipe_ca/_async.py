@@ -33,7 +33,7 @@ from ophyd_async.epics.core._aioca import CaSignalBackend as _AiocaSignalBackend
 
 from beampipe import Failed, Ok, Outcome
 
-from ._libca import context
+from ._libca import Channel, context
 
 __all__ = [
     "CaSignalBackend",
@@ -66,10 +66,16 @@ class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
     #: (aioca would wait forever; a plan should fail with the PV's name instead).
     read_timeout: ClassVar[float] = 10.0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: format -> (channel, read key, coalescer) of the read PV, kept from its first read
+        self._bp_reads: dict[Format, tuple[Channel, tuple[str, Any, Format], Any]] = {}
+
     async def connect(self, timeout: float) -> None:
         # Attach this loop's thread to the shared context before aioca (puts, monitors)
         # first runs here, so aioca adopts it instead of making a second context.
         context().attach()
+        self._bp_reads.clear()  # the converter, hence the read key, is made again
         await super().connect(timeout)
 
     async def _read(self, pv: str, datatype: Any, fmt: Format, timeout: float) -> AugmentedValue:
@@ -96,13 +102,20 @@ class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
 
     async def _caget(self, pv: str, format: Format) -> AugmentedValue:
         # Every get_value/get_reading lands here, 200 at a time in a Device.read():
-        # the connected case is written out (no inner coroutine, one channel lookup).
-        ctx = context()
-        chan = ctx.channel(pv)
+        # the connected case is written out (no inner coroutine), and the read PV's
+        # channel and key are kept per format (a channel is never replaced; the
+        # converter, hence the key, only changes in connect(), which starts afresh).
+        found = self._bp_reads.get(format) if pv == self.read_pv else None
+        if found is None:
+            ctx = context()
+            chan, key, reads = ctx.channel(pv), (pv, self.converter.read_dbr, format), ctx.reads
+            if pv == self.read_pv:
+                self._bp_reads[format] = (chan, key, reads)
+        else:
+            chan, key, reads = found
         if not chan.up:
             return await self._read(pv, self.converter.read_dbr, format, self.read_timeout)
-        key = (pv, self.converter.read_dbr, format)
-        outcome = await ctx.reads.get_async("aug", key, self.read_timeout, chan.host)
+        outcome = await reads.get_async("aug", key, self.read_timeout, chan.host)
         return _value(outcome, pv)
 
 

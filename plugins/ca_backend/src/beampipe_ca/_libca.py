@@ -17,6 +17,7 @@ and searches are shared with pyepics and aioca rather than duplicated.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import itertools
 import logging
@@ -344,6 +345,17 @@ class _GetBatch:
         if next(self.counter) == self.total:
             self.complete(self.results)
 
+    def settled(self, n: int) -> None:
+        """Count ``n`` outcomes already written to ``results`` (a sync group's, at once).
+
+        Only the very last count of the batch reaches ``total``, whichever thread
+        makes it, so checking our own last one is enough.
+        """
+        if n > 1:
+            collections.deque(itertools.islice(self.counter, n - 1), maxlen=0)
+        if n > 0 and next(self.counter) == self.total:
+            self.complete(self.results)
+
 
 class _SyncGroup:
     """The scalars of one batch fetched with ``ca_sg_array_get``: no Python per reply.
@@ -359,24 +371,27 @@ class _SyncGroup:
     server never answered (a disconnect mid-read) fails alone.
     """
 
-    __slots__ = ("blocked", "deadline", "gid", "members", "n", "records")
+    __slots__ = ("blocked", "deadline", "gid", "loop", "members", "n", "records")
 
     def __init__(self, gid: int, n: int, deadline: float) -> None:
         self.gid = gid
+        #: The event loop the batch was issued from, if any: the group is decoded there.
+        self.loop = asyncio._get_running_loop()
         #: A thread waits in ca_sg_block on it (the group must live until that returns).
         self.blocked = False
         self.n = n
         self.deadline = deadline
         #: dbrcode -> record array libca writes into (kept alive until ca_sg_delete)
         self.records: dict[int, np.ndarray[Any, Any]] = {}
-        #: (index in the batch, dbrcode, row in that record array)
-        self.members: list[tuple[int, int, int]] = []
+        #: dbrcode -> the batch indices of the keys in its records, row by row
+        self.members: dict[int, list[int]] = {}
 
-    def allocate(self, dbrcode: int) -> list[int]:
-        """Records for up to ``n`` replies of one DBR_TIME type: [address, size, next row]."""
+    def allocate(self, dbrcode: int) -> tuple[int, int, list[int]]:
+        """Records for up to ``n`` replies of one DBR_TIME type: (address, size, members)."""
         records = self.records[dbrcode] = np.empty(self.n, _TIME_DTYPES[dbrcode - 14])
         records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
-        return [records.ctypes.data, records.itemsize, 0]
+        members = self.members[dbrcode] = []
+        return records.ctypes.data, records.itemsize, members
 
 
 class _ArrayBatch:
@@ -767,7 +782,7 @@ class _Context:
             state.decoders,
         )
         sg: _SyncGroup | None = None
-        rows: dict[int, list[int]] = {}  # dbrcode -> [record address, record size, next row]
+        rows: dict[int, tuple[int, int, list[int]]] = {}  # dbrcode -> (address, size, members)
         sentinel = None
         for idx, key in enumerate(keys):
             name = key if isinstance(key, str) else key[0]
@@ -792,14 +807,14 @@ class _Context:
                 # A scalar on a pinned channel (never cleared, so every read gets an answer).
                 if sg is None:
                     sg = self._new_sync_group(len(keys), deadline)
+                    sg_get, gid = self.sg_get, sg.gid
                 slot = rows.get(dbrcode)
                 if slot is None:
                     slot = rows[dbrcode] = sg.allocate(dbrcode)
-                addr, size, row = slot
-                slot[2] = row + 1
-                status = self.sg_get(sg.gid, dbrcode, 1, chan.chid, addr + row * size)
+                addr, size, members = slot
+                status = sg_get(gid, dbrcode, 1, chan.chid, addr + len(members) * size)
                 if status == ECA_NORMAL:
-                    sg.members.append((idx, dbrcode, row))
+                    members.append(idx)
                     sentinel = chan
                     issued += 1
                 else:
@@ -854,7 +869,17 @@ class _Context:
         if self.sg_test(sg.gid) != ECA_IODONE:  # a server that answers out of order
             self._wait_sg_thread(state)
             return
-        self._settle_sg(state, "no reply (disconnected)")
+        why = "no reply (disconnected)"
+        if sg.loop is not None and not sg.loop.is_closed():
+            # Decoded on the loop that issued the batch (and will take the values): its
+            # thread has the batch's objects in its CPU's cache, this one does not, and
+            # the results are delivered there without a second wake-up.
+            try:
+                sg.loop.call_soon_threadsafe(self._settle_sg, state, why)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        self._settle_sg(state, why)
 
     def _wait_sg_thread(self, state: _GetBatch) -> None:
         def wait() -> None:
@@ -871,45 +896,45 @@ class _Context:
         threading.Thread(target=wait, name="beampipe-ca-sg", daemon=True).start()
 
     def _settle_sg(self, state: _GetBatch, why: str) -> None:
+        """Decode the group's records (columns by numpy, in one go) and count them settled."""
         sg = state.sg
-        assert sg is not None
+        if sg is None:
+            return  # given up on meanwhile
         state.sg = None
+        settled = 0
         try:
-            keys, decoders, settle = state.keys, state.decoders, state.settle
-            # Each record array's columns as lists, in one numpy call per column.
-            columns: dict[int, tuple[Any, ...]] = {
-                code: (
-                    recs["value"].tolist() if code != 14 else None,
-                    recs["status"].tolist(),
-                    recs["severity"].tolist(),
-                    recs["secs"].tolist(),
-                    recs["nsec"].tolist(),
-                    recs.ctypes.data,
-                    recs.itemsize,
+            keys, decoders, results = state.keys, state.decoders, state.results
+            for dbrcode, members in sg.members.items():
+                records = sg.records[dbrcode]
+                base, size = records.ctypes.data, records.itemsize
+                used = records[: len(members)]
+                columns = zip(
+                    members,
+                    used["value"].tolist(),
+                    used["status"].tolist(),
+                    used["severity"].tolist(),
+                    used["secs"].tolist(),
+                    used["nsec"].tolist(),
+                    strict=True,
                 )
-                for code, recs in sg.records.items()
-            }
-            for idx, dbrcode, row in sg.members:
-                key = keys[idx]
-                values, statuses, severities, secs, nsecs, base, size = columns[dbrcode]
-                if severities[row] == -1:
-                    name = key if isinstance(key, str) else key[0]
-                    settle(key, Failed(f"{name}: {why}"))
-                    continue
-                decode = decoders[idx]
-                try:
-                    if type(decode) is _AugScalar:
-                        value = decode.fields(
-                            values[row], statuses[row], severities[row], secs[row], nsecs[row]
-                        )
-                    else:
-                        value = decode(base + row * size, dbrcode, 1)  # type: ignore[misc]
-                    outcome: Outcome[Any] = Ok(value)
-                except Exception as exc:  # noqa: BLE001 - a bad reply fails its PV alone
-                    outcome = Failed(f"{key}: could not decode the reply: {exc!r}")
-                settle(key, outcome)
+                for row, (idx, value, status, severity, secs, nsec) in enumerate(columns):
+                    key = keys[idx]
+                    if severity == -1:
+                        name = key if isinstance(key, str) else key[0]
+                        results[key] = Failed(f"{name}: {why}")
+                        continue
+                    decode = decoders[idx]
+                    try:
+                        if type(decode) is _AugScalar:
+                            results[key] = Ok(decode.fields(value, status, severity, secs, nsec))
+                        else:
+                            results[key] = Ok(decode(base + row * size, dbrcode, 1))
+                    except Exception as exc:  # noqa: BLE001 - a bad reply fails its PV alone
+                        results[key] = Failed(f"{key}: could not decode the reply: {exc!r}")
+                settled += len(members)
         finally:
             self._drop_sg(sg)
+            state.settled(settled)
 
     def _drop_sg(self, sg: _SyncGroup) -> None:
         """Delete the group once: it cancels what is outstanding, so libca writes no more."""
