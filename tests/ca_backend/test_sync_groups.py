@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
+import signal
 import threading
+import time
 
 import aioca
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 from epicscorelibs.ca import dbr
 from ophyd_async.core import Array1D, DeviceVector, SignalR, StandardReadable
 
+import beampipe_ca
 from beampipe import Failed, Ok
 from beampipe_ca import CaSignalBackend
 from beampipe_ca._libca import _TIME_DTYPES, ECA_NORMAL, _AugScalar, context
@@ -137,8 +141,8 @@ async def test_mixed_types_in_one_batch_equal_aiocas_reads(ioc, group_reads):
     assert reading["mixed-flag"]["value"] is True
     assert reading["mixed-text"]["value"] == "hello"
     assert reading["mixed-prec"]["value"] == 3
-    for signal, pv in ((device.ao, "ao"), (device.prec, "ao.PREC"), (device.enum, "enum")):
-        backend = signal._connector.backend
+    for sig, pv in ((device.ao, "ao"), (device.prec, "ao.PREC"), (device.enum, "enum")):
+        backend = sig._connector.backend
         ours = await backend._caget(backend.read_pv, dbr.FORMAT_TIME)
         theirs = await aioca.caget(
             ioc.pv(pv), datatype=backend.converter.read_dbr, format=dbr.FORMAT_TIME
@@ -211,3 +215,39 @@ async def test_concurrent_device_reads_each_get_their_own_values(bank_ioc, group
     readings = await asyncio.gather(*(bank.read() for _ in range(5)))
     for reading in readings:
         assert [reading[f"bank-s-{i}"]["value"] for i in range(50)] == [float(i) for i in range(50)]
+
+
+def test_a_hung_ioc_does_not_hold_up_another_threads_bulk_read(ioc_factory, bank_ioc, tmp_path):
+    """Thread A's bulk read waits out a hung IOC in ca_pend_io; thread B's, meanwhile, is
+    answered at once by its own IOC (through a sync group of its own), not after A's."""
+    db = tmp_path / "hung.db"
+    db.write_text("".join(f'record(ao, "$(P)h{i}") {{ field(VAL, "{i}") }}\n' for i in range(5)))
+    hung = ioc_factory(db)
+    hung_names = [hung.pv(f"h{i}") for i in range(5)]
+    names = [bank_ioc.pv(f"s{i}") for i in range(20)]
+    assert beampipe_ca.bulk_get(hung_names + names, timeout=5.0) == {
+        **{n: float(i) for i, n in enumerate(hung_names)},
+        **{n: float(i) for i, n in enumerate(names)},
+    }
+    os.kill(hung.pid, signal.SIGSTOP)  # the circuit stays up; no reply comes
+    try:
+        started = threading.Event()
+        hung_result: dict[str, object] = {}
+
+        def read_hung() -> None:
+            started.set()
+            hung_result.update(beampipe_ca.bulk_get(hung_names, timeout=3.0))
+
+        a = threading.Thread(target=read_hung)
+        a.start()
+        assert started.wait(5)
+        time.sleep(0.3)  # A is in ca_pend_io now
+        t0 = time.monotonic()
+        got = beampipe_ca.bulk_get(names, timeout=2.0)
+        took = time.monotonic() - t0
+        a.join(10)
+        assert got == {n: float(i) for i, n in enumerate(names)}
+        assert took < 1.5, f"waited {took:.2f} s behind the hung read"
+        assert hung_result == dict.fromkeys(hung_names)  # A's read failed, PV by PV
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)

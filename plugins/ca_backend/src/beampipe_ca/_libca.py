@@ -1005,36 +1005,20 @@ class _Context:
         failed: dict[str, str] = {}
 
         # One numpy record array per native type, laid out exactly as DBR_TIME_<type>:
-        # libca writes each reply into its record, numpy decodes them all at once.  The
-        # arrays are reused (only one batch uses this path at a time: _pend_lock).
+        # libca writes each reply into its record, numpy decodes them all at once.
         decoded: list[tuple[int, list[Channel], list[Any], list[int], Any]] = []
         pend = ECA_NORMAL
         if scalars:
-            with self._pend_lock:
-                self.attach()
-                self.batches_issued += 1
-                get = self.queue_get_copy
-                for native, chans in groups.items():
-                    records, base = self._pend_records(native, len(chans))
-                    records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
-                    size, dbrcode = records.dtype.itemsize, native + 14
-                    for i, chan in enumerate(chans):
-                        status = get(dbrcode, 1, chan.chid, base + i * size)
-                        if status != ECA_NORMAL:
-                            failed[chan.name] = f"{chan.name}: ca_array_get: {self.message(status)}"
-                pend = self.lib.ca_pend_io(max(1e-3, deadline - time.monotonic()))
-                for native, chans in groups.items():
-                    records, _base = self._pend_records(native, len(chans))
-                    header = records[["status", "secs", "nsec"]].copy() if readings else None
-                    decoded.append(
-                        (
-                            native,
-                            chans,
-                            records["value"].tolist(),
-                            records["severity"].tolist(),
-                            header,
-                        )
-                    )
+            if self._pend_lock.acquire(blocking=False):
+                try:
+                    pend = self._scalars_by_pend_io(groups, deadline, readings, failed, decoded)
+                finally:
+                    self._pend_lock.release()
+            else:
+                # ca_pend_io waits for every ca_array_get in the context, so while another
+                # thread's bulk read is in it (perhaps waiting out a hung IOC), this one
+                # takes a sync group of its own: it waits for its own replies only.
+                pend = self._scalars_by_sync_group(groups, deadline, readings, failed, decoded)
         why = "timed out" if pend == ECA_TIMEOUT else self.message(pend)
         for native, chans, values, severities, header in decoded:
             if native == 0:
@@ -1065,6 +1049,63 @@ class _Context:
             ok.update(more_ok)
             failed.update(more_failed)
         return ok, failed
+
+    def _scalars_by_pend_io(
+        self,
+        groups: dict[int, list[Channel]],
+        deadline: float,
+        readings: bool,
+        failed: dict[str, str],
+        decoded: list[tuple[int, list[Channel], list[Any], list[int], Any]],
+    ) -> int:
+        """``ca_array_get`` x N into reused records and one ``ca_pend_io`` (hold _pend_lock)."""
+        self.attach()
+        self.batches_issued += 1
+        get = self.queue_get_copy
+        for native, chans in groups.items():
+            records, base = self._pend_records(native, len(chans))
+            records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
+            size, dbrcode = records.dtype.itemsize, native + 14
+            for i, chan in enumerate(chans):
+                status = get(dbrcode, 1, chan.chid, base + i * size)
+                if status != ECA_NORMAL:
+                    failed[chan.name] = f"{chan.name}: ca_array_get: {self.message(status)}"
+        pend: int = self.lib.ca_pend_io(max(1e-3, deadline - time.monotonic()))
+        for native, chans in groups.items():
+            records, _base = self._pend_records(native, len(chans))
+            decoded.append(_columns(native, chans, records, readings))
+        return pend
+
+    def _scalars_by_sync_group(
+        self,
+        groups: dict[int, list[Channel]],
+        deadline: float,
+        readings: bool,
+        failed: dict[str, str],
+        decoded: list[tuple[int, list[Channel], list[Any], list[int], Any]],
+    ) -> int:
+        """The same through a sync group of this call's own and ``ca_sg_block``."""
+        self.attach()
+        with self._lock:
+            self.batches_issued += 1
+        sg = self._new_sync_group(max(len(chans) for chans in groups.values()), deadline)
+        try:
+            for native, chans in groups.items():
+                dbrcode = native + 14
+                addr, size, _members = sg.allocate(dbrcode)
+                for i, chan in enumerate(chans):
+                    status = self.sg_get(sg.gid, dbrcode, 1, chan.chid, addr + i * size)
+                    if status != ECA_NORMAL:
+                        why = f"ca_sg_array_get: {self.message(status)}"
+                        failed[chan.name] = f"{chan.name}: {why}"
+            # (flushes the requests, then waits with the GIL released)
+            status = self.lib.ca_sg_block(sg.gid, max(1e-3, deadline - time.monotonic()))
+        finally:
+            self._drop_sg(sg)  # cancels what is left: libca writes no more into the records
+        for native, chans in groups.items():
+            records = sg.records[native + 14][: len(chans)]
+            decoded.append(_columns(native, chans, records, readings))
+        return ECA_TIMEOUT if status == ECA_TIMEOUT else ECA_NORMAL
 
     def _issue_arrays(self, chans: list[Channel]) -> tuple[int, _ArrayBatch]:
         """One ``ca_array_get_callback`` of NORD elements per array PV, and one flush."""
@@ -1237,6 +1278,14 @@ def _split(
         else:
             failed[name] = outcome.reason
     return ok, failed
+
+
+def _columns(
+    native: int, chans: list[Channel], records: np.ndarray[Any, Any], readings: bool
+) -> tuple[int, list[Channel], list[Any], list[int], Any]:
+    """A scalar record array's columns, copied out (the arrays may be reused at once)."""
+    header = records[["status", "secs", "nsec"]].copy() if readings else None
+    return native, chans, records["value"].tolist(), records["severity"].tolist(), header
 
 
 def _libca_finalized() -> bool:
