@@ -457,12 +457,15 @@ class _Context:
             ctypes.c_int, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
         )(("ca_array_get", self.lib))
         self.lib.ca_pend_io.argtypes = [ctypes.c_double]
-        # Sync groups: the short calls keep the GIL; ca_sg_block (CDLL) lets it go.
+        # Sync groups: the short calls keep the GIL; ca_sg_block and ca_sg_delete let it go.
         u = ctypes.c_uint
         self.sg_create = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.POINTER(u))(
             ("ca_sg_create", self.lib)
         )
-        self.sg_delete = ctypes.PYFUNCTYPE(ctypes.c_int, u)(("ca_sg_delete", self.lib))
+        # ca_sg_delete cancels the group's outstanding reads, which waits for a callback
+        # libca's thread may be running (and that one may wait for the GIL): let it go.
+        self.lib.ca_sg_delete.argtypes = [u]
+        self.sg_delete = self.lib.ca_sg_delete
         self.sg_test = ctypes.PYFUNCTYPE(ctypes.c_int, u)(("ca_sg_test", self.lib))
         self.sg_get = ctypes.PYFUNCTYPE(
             ctypes.c_int, u, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
