@@ -50,6 +50,11 @@ class StreamInfo:
     dropped: int  # frames the producer could not place: every slot was leased
     lease_skips: int
     reclaimed: int  # dead readers whose leases were reclaimed
+    # the producer's hot-slot wait (Producer.hot_wait_*; zero while it has not waited)
+    hot_wait_hits: int  # waits that ended with the newest frame's slot free
+    hot_wait_misses: int  # waits that ran out of budget
+    hot_wait_skips: int  # waits not tried: backing off after a miss
+    hot_wait_ns: int  # time spent in the hits and misses
     readers: list[ReaderInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +66,8 @@ class StreamInfo:
             f"{'alive' if self.producer_alive else 'DEAD'}, generation {self.generation}",
             f"  frames {self.frames}  rate {self.rate:.1f}/s  idle {self.idle:.3f} s  "
             f"dropped {self.dropped}  lease-skips {self.lease_skips}  reclaimed {self.reclaimed}",
+            f"  hot-wait hits {self.hot_wait_hits}  misses {self.hot_wait_misses}  "
+            f"skips {self.hot_wait_skips}  waited {self.hot_wait_ns / 1e6:.3f} ms",
             f"  {self.slots} slots x {self.slot_bytes} bytes = {self.segment_bytes} bytes",
         ]
         for s in self.schema["streams"]:
@@ -133,6 +140,10 @@ def inspect(name: str) -> StreamInfo:
             dropped=int(w[L.H_DROPPED]),
             lease_skips=int(w[L.H_LEASE_SKIPS]),
             reclaimed=int(w[L.H_RECLAIMED]),
+            hot_wait_hits=int(w[L.H_HOT_WAIT_HITS]),
+            hot_wait_misses=int(w[L.H_HOT_WAIT_MISSES]),
+            hot_wait_skips=int(w[L.H_HOT_WAIT_SKIPS]),
+            hot_wait_ns=int(w[L.H_HOT_WAIT_NS]),
             readers=readers,
         )
     finally:

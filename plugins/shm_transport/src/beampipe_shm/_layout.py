@@ -65,6 +65,13 @@ H_NOTIFY = 23
 # cache line 3: the producer's statistics, written per frame, read by inspect()
 H_PUBLISH_NS = 24  # time.monotonic_ns() of the last publish
 H_RATE = 25  # f64 bits: frames/s, exponentially weighted
+# the hot-slot wait's counters (Producer.hot_wait_*), stored only when one changes: the wait
+# runs for big slots only, so a small frame's publish stores nothing more.  Zero in a segment
+# made before they existed (the words were unused), hence no version bump
+H_HOT_WAIT_HITS = 26  # waits that ended with the newest frame's slot free
+H_HOT_WAIT_MISSES = 27  # waits that ran out of budget (the normal slot order followed)
+H_HOT_WAIT_SKIPS = 28  # waits not tried: backing off after a miss
+H_HOT_WAIT_NS = 29  # monotonic ns spent in the hits and misses
 HEADER_WORDS = 64
 NOTIFY_OFFSET = H_NOTIFY * 8
 

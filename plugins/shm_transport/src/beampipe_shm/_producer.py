@@ -178,7 +178,8 @@ class Producer:
     stops being waited for.  None: ``HOT_WAIT_CAP`` for frames of ``HOT_WAIT_MIN_BYTES`` or
     more, else 0 (off: a small slot is rewritten in cache whichever it is).  The outcomes are
     counted in ``hot_wait_hits``, ``hot_wait_misses`` (timed out) and ``hot_wait_skips``
-    (not tried while backing off), and ``hot_wait_ns`` is the time spent waiting.
+    (not tried while backing off), and ``hot_wait_ns`` is the time spent waiting; the
+    segment's header carries them too, for ``inspect()`` in another process.
     """
 
     def __init__(
@@ -659,6 +660,7 @@ class Producer:
         if self._hot_backoff:
             self._hot_backoff -= 1
             self.hot_wait_skips += 1
+            self._words[L.H_HOT_WAIT_SKIPS] = self.hot_wait_skips  # (for inspect)
             return False
         rate = self._rate
         if rate <= 0.0:
@@ -687,12 +689,16 @@ class Producer:
             else:
                 self.hot_wait_ns += clock() - t0
                 self.hot_wait_hits += 1
+                w[L.H_HOT_WAIT_NS] = self.hot_wait_ns  # (for inspect)
+                w[L.H_HOT_WAIT_HITS] = self.hot_wait_hits
                 self._hot_penalty >>= 1
                 return True
             now = clock()
             if now >= end:
                 self.hot_wait_ns += now - t0
                 self.hot_wait_misses += 1
+                w[L.H_HOT_WAIT_NS] = self.hot_wait_ns  # (for inspect)
+                w[L.H_HOT_WAIT_MISSES] = self.hot_wait_misses
                 self._hot_penalty = min(2 * self._hot_penalty + 1, HOT_WAIT_BACKOFF_MAX)
                 self._hot_backoff = self._hot_penalty
                 return False
