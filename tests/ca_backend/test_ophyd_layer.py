@@ -265,6 +265,29 @@ def test_pv_already_up_is_told_once_its_device_is_built(cl, ioc):
     lone.destroy()
 
 
+def test_connection_news_overtaking_a_held_back_one_still_brings_access_rights(cl, ioc):
+    """A channel already up at the PV object's birth, then a connection event from libca
+    before the held-back news is told (the race a busy machine hit in ~1% of Device
+    connects): the access rights that news carried must still reach ophyd, or the signal
+    never becomes ready."""
+    from ophyd import EpicsSignalRO
+
+    import beampipe_ca
+
+    name = ioc.pv("ao_int.LOPR")  # a name no other test opens through ophyd
+    assert beampipe_ca.bulk_get([name])[name] is not None
+    sig = EpicsSignalRO(name, name="s")
+    pv = sig._read_pv
+    assert pv._bp_deferred
+    # libca's connection news, delivered to the entry's listener as libca's thread would
+    # (its access-rights event having gone out before this PV object listened).
+    pv._bp_entry.bp_listener(pv._bp_chan, True)
+    assert not pv._bp_deferred
+    sig.wait_for_connection(timeout=5)
+    assert sig.connected and sig.read_access
+    sig.destroy()
+
+
 def test_last_release_clears_the_channel_unless_a_bulk_read_uses_it(cl, ioc):
     import epics
     from ophyd import EpicsSignalRO

@@ -44,8 +44,6 @@ __all__ = [
 logger = logging.getLogger("beampipe_ca")
 
 EPICS_EPOCH = 631152000
-#: epicscorelibs' own constant (the same number), for values decoded its way.
-_EPICS_EPOCH_DBR = EPICS_EPOCH
 ECA_NORMAL = 1
 ECA_TIMEOUT = 80
 ECA_IODONE = 339
@@ -337,7 +335,7 @@ class _GetBatch:
         self.results: dict[Any, Outcome[Any]] = {}
         self.decoders: list[Callable[..., Any] | None] = [None] * len(keys)
         self.counter = itertools.count(1)
-        #: The scalars fetched through a synchronous group, if any (see _Context._issue_sg).
+        #: The scalars fetched through a synchronous group, if any (see _Context._issue).
         self.sg: _SyncGroup | None = None
 
     def settle(self, key: Any, outcome: Outcome[Any]) -> None:
@@ -1379,7 +1377,7 @@ class _AugScalar:
     array yields all at once (:meth:`fields`) instead of a ctypes cast per reply.
     """
 
-    __slots__ = ("base", "count", "name", "scalar", "unpack")
+    __slots__ = ("base", "count", "name", "scalar", "size", "unpack")
 
     def __init__(self, name: str, dbrcode: int, base: int, count: int) -> None:
         from epicscorelibs.ca import dbr
@@ -1388,16 +1386,14 @@ class _AugScalar:
         self.scalar = dbr.DbrCodeToType[dbrcode].scalar
         off, _dtype, fmt = _TIME_LAYOUT[dbrcode - 14]
         layout = struct.Struct(f"<hhII{off - 12}x{fmt.lstrip('<')}")  # type: ignore[union-attr]
-        self.unpack = layout.unpack_from
+        self.unpack, self.size = layout.unpack_from, layout.size
 
     def __call__(self, raw: int, _dbrcode: int, _count: int) -> Any:
-        status, severity, secs, nsec, value = self.unpack(
-            ctypes.string_at(raw, self.unpack.__self__.size)  # type: ignore[attr-defined]
-        )
+        status, severity, secs, nsec, value = self.unpack(ctypes.string_at(raw, self.size))
         return self.fields(value, status, severity, secs, nsec)
 
     def fields(self, value: Any, status: int, severity: int, secs: int, nsec: int) -> Any:
-        secs += _EPICS_EPOCH_DBR
+        secs += EPICS_EPOCH  # (epicscorelibs' EPICS_epoch: the same number)
         result = self.scalar(value)
         # A new dict in one go: half the time of setting eight attributes.
         result.__dict__ = {

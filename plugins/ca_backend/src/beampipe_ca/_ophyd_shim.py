@@ -737,6 +737,7 @@ class BeampipeShimPV(_base.PyepicsShimPV):
         self._bp_chan: Any = None
         self._bp_entry: Any = None
         self._bp_deferred = False
+        self._bp_access_seen = False  # access rights told since the last (re)connection
         self._bp_ticket: Any = None  # a get issued for this PV by its Device's read()
         self.pvname = pvname.strip()
         self.form = form.lower()
@@ -810,6 +811,14 @@ class BeampipeShimPV(_base.PyepicsShimPV):
             type_name = epics.dbr.Name(self.ftype).lower()
             args["type"] = args["typefull"] = type_name
             args["ftype"] = epics.dbr.Name(type_name, reverse=True)
+            if not self._bp_access_seen:
+                # libca reports access rights once per connection, and may have done so
+                # before this PV object listened (a server sends them ahead of the claim
+                # reply; a busy machine can deschedule _open between making the channel
+                # and listening): ophyd's signal is never ready without them.
+                self._bp_on_access(*_access_of(self.chid))
+        else:
+            self._bp_access_seen = False
         for callback in self.connection_callbacks:
             if callable(callback):
                 callback(pvname=self.pvname, conn=conn, pv=self)
@@ -906,6 +915,7 @@ class BeampipeShimPV(_base.PyepicsShimPV):
         """epics.PV's access-rights handler, without the per-call context check."""
         if self.context is None:
             return
+        self._bp_access_seen = True
         args = self._args
         args["read_access"], args["write_access"] = read_access, write_access
         args["access"] = _ACCESS_NAMES[read_access + 2 * write_access]
