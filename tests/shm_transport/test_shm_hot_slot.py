@@ -4,12 +4,17 @@ With a reader that keeps up, the producer claims the next frame while the reader
 holds the newest one; for big frames it waits a little for that slot (still in cache)
 instead of filling another one, within a budget, and stops waiting for a reader that keeps
 it waiting. These tests pin the decisions by the producer's counters and slot choices, not
-by timings.
+by timings. The producer also stores its counters in the segment header when they change,
+so ``inspect()`` and ``beampipe-shm inspect`` in another process show what it counts (the
+last tests here).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -19,6 +24,7 @@ from beampipe_shm import Producer, Reader, StreamSpec, _producer, inspect
 
 SMALL = [StreamSpec("img", "int64", (8, 8))]
 MIB = [StreamSpec("img", "uint16", (1024, 512))]  # 1 MiB: HOT_WAIT_MIN_BYTES
+KEYS = ("hot_wait_hits", "hot_wait_misses", "hot_wait_skips", "hot_wait_ns")
 
 
 def fill(p: Producer, value: int) -> int:
@@ -33,6 +39,41 @@ def wait_for_readers(name: str, n: int, timeout: float = 10.0) -> None:
     while len(inspect(name).readers) < n:
         assert time.monotonic() < deadline, f"{n} reader(s) did not register"
         time.sleep(0.01)
+
+
+def claim_as_the_reader_lets_go(p: Producer, r: Reader, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Claim the next frame while the reader holds the newest, which it lets go of inside the
+    producer's wait (from the producer's clock, so the order of events is fixed, and with no
+    time passing in it, so the budget cannot run out first).  Returns (frame, newest's slot)."""
+    for i in (1, 2):  # two commits: the producer knows its frame interval (a budget)
+        fill(p, i)
+        f = r.read(timeout=0)
+        assert f is not None
+        f.release()
+    fill(p, 3)
+    held = r.read(timeout=0)
+    assert held is not None
+    assert held.seq == 3
+    hot = p._latest_k
+    real = time.monotonic_ns
+    calls = first = 0
+
+    def clock() -> int:
+        nonlocal calls, first
+        calls += 1
+        if calls == 1:
+            first = real()
+        elif calls == 2:
+            held.release()
+        else:
+            return real()
+        return first
+
+    monkeypatch.setattr(time, "monotonic_ns", clock)
+    frame = p.frame()
+    monkeypatch.undo()
+    assert calls >= 2
+    return frame, hot
 
 
 def test_the_wait_is_on_for_big_slots_only_and_can_be_set(shm_name: str) -> None:
@@ -58,30 +99,7 @@ def test_a_lease_released_during_the_wait_gets_the_same_slot_rewritten(
     producer's clock, so the order of events is fixed): the producer rewrites that slot.
     Without the wait it would have taken another one, the newest being leased at the claim."""
     with Producer(shm_name, SMALL, slots=4, hot_wait=0.01) as p, Reader(shm_name) as r:
-        for i in (1, 2):  # two commits: the producer knows its frame interval
-            fill(p, i)
-            f = r.read(timeout=0)
-            assert f is not None
-            f.release()
-        fill(p, 3)
-        held = r.read(timeout=0)
-        assert held is not None
-        assert held.seq == 3
-        hot = p._latest_k
-        real = time.monotonic_ns
-        calls = 0
-
-        def clock() -> int:  # the reader's release lands inside the producer's wait
-            nonlocal calls
-            calls += 1
-            if calls == 2:
-                held.release()
-            return real()
-
-        monkeypatch.setattr(time, "monotonic_ns", clock)
-        frame = p.frame()
-        monkeypatch.undo()
-        assert calls >= 2
+        frame, hot = claim_as_the_reader_lets_go(p, r, monkeypatch)
         assert frame._k == hot
         assert (p.hot_wait_hits, p.hot_wait_misses) == (1, 0)
         frame["img"][...] = 4
@@ -182,3 +200,113 @@ def test_a_live_view_holding_frames_for_long_does_not_hold_the_producer(
     done = viewer.expect("done")
     assert done["bad"] == 0
     assert 3 <= len(done["seqs"]) < n // 4
+
+
+# -- the counters seen from outside the producer ----------------------------------------
+def counted(p: Producer) -> dict[str, int]:
+    return {k: getattr(p, k) for k in KEYS}
+
+
+def cli(*args: str) -> str:
+    """``beampipe-shm ARGS`` in a process of its own (its own mapping of the segment)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "beampipe_shm._cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def inspected_elsewhere(name: str) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(cli("inspect", name, "--json"))
+    return info
+
+
+def test_a_fresh_stream_and_one_that_never_waits_show_zeros(shm_name: str) -> None:
+    """Big slots (the wait is on) but a reader that has read each frame before the next claim:
+    the newest slot is taken without waiting, so nothing is counted, and nothing is stored."""
+    with Producer(shm_name, MIB, slots=3) as p, Reader(shm_name) as r:
+        assert p.hot_wait > 0
+        info = inspect(shm_name)
+        assert {k: getattr(info, k) for k in KEYS} == dict.fromkeys(KEYS, 0)
+        for i in range(1, 6):
+            fill(p, i)
+            f = r.read(timeout=0)
+            assert f is not None
+            f.release()
+        assert counted(p) == dict.fromkeys(KEYS, 0)
+        info = inspect(shm_name)
+        assert info.frames == 5
+        assert {k: getattr(info, k) for k in KEYS} == dict.fromkeys(KEYS, 0)
+        text = cli("inspect", shm_name)  # beampipe-shm inspect NAME, from another process
+        assert "frames 5 " in text
+        assert "hot-wait hits 0  misses 0  skips 0  waited 0.000 ms" in text
+
+
+def test_hits_misses_and_skips_show_in_inspect(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One wait that ends with the slot free (the reader lets go inside it, from the producer's
+    clock: a fixed order of events), then a reader that holds a frame for good: every wait runs
+    out, and more are skipped after each.  Another process's inspect reports each count."""
+    with Producer(shm_name, SMALL, slots=4, hot_wait=0.01) as p, Reader(shm_name) as r:
+        frame, _hot = claim_as_the_reader_lets_go(p, r, monkeypatch)
+        assert (p.hot_wait_hits, p.hot_wait_misses, p.hot_wait_skips) == (1, 0, 0)
+        frame["img"][...] = 4
+        frame.publish()
+        kept = r.read(timeout=0)  # ... and never released: the waits for it run out
+        assert kept is not None
+        assert kept.seq == 4
+        for i in range(5, 41):
+            fill(p, i)
+        assert p.dropped == 0
+        mine = counted(p)
+        assert mine["hot_wait_hits"] == 1
+        assert mine["hot_wait_misses"] >= 1
+        assert mine["hot_wait_skips"] >= 1
+        assert mine["hot_wait_ns"] > 0
+        seen = inspected_elsewhere(shm_name)
+        assert {k: seen[k] for k in KEYS} == mine
+        info = inspect(shm_name)
+        assert {k: getattr(info, k) for k in KEYS} == mine
+        line = (
+            f"hot-wait hits 1  misses {mine['hot_wait_misses']}  "
+            f"skips {mine['hot_wait_skips']}  waited {mine['hot_wait_ns'] / 1e6:.3f} ms"
+        )
+        assert line in info.format()
+        kept.release()
+    # the next producer of the name makes a new segment: its counters start at zero
+    with Producer(shm_name, SMALL, hot_wait=0.01):
+        info = inspect(shm_name)
+        assert {k: getattr(info, k) for k in KEYS} == dict.fromkeys(KEYS, 0)
+
+
+def test_a_reader_in_another_process_and_an_inspector_in_a_third(
+    shm_name: str, agents: Any
+) -> None:
+    """A live view in its own process holds each frame 30 ms while frames come every ~1 ms:
+    the producer's waits for it run out and are then skipped.  What it counted is what an
+    inspector in a third process reads, while the producer is still up."""
+    viewer = agents("lease_briefly", name=shm_name, mode="latest", hold=0.03, seconds=20)
+    with Producer(shm_name, SMALL, slots=4, hot_wait=0.0002) as p:
+        viewer.expect("ready")
+        wait_for_readers(shm_name, 1)
+        deadline = time.monotonic() + 10
+        i = 0
+        # until the viewer has made the producer wait (it may be slow to get a CPU), bounded
+        while i < 100 or (p.hot_wait_misses < 1 and time.monotonic() < deadline):
+            i += 1
+            with p.frame() as f:
+                f["img"][...] = i
+                time.sleep(0.001)
+        assert p.dropped == 0
+        mine = counted(p)
+        assert mine["hot_wait_misses"] >= 1, mine
+        assert mine["hot_wait_ns"] > 0
+        seen = inspected_elsewhere(shm_name)
+        assert seen["frames"] == i
+        assert {k: seen[k] for k in KEYS} == mine
+    done = viewer.expect("done")
+    assert done["bad"] == 0
