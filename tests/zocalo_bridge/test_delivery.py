@@ -96,7 +96,11 @@ def test_broker_restart_mid_scan_loses_nothing(
 
     def restart_at_event_3(name: str, doc: dict[str, Any]) -> None:
         if name == "event" and doc["seq_num"] == 3 and not restarter:
-            t = threading.Thread(target=lambda: (rabbitmq.restart(), restarted.set()))
+            # Down before the scan goes on (rabbitmqctl takes seconds to act: a restart
+            # merely begun here let the rest of the scan's sends land before it, now and
+            # then), back up while the scan keeps sending.
+            rabbitmq.stop()
+            t = threading.Thread(target=lambda: (rabbitmq.start(), restarted.set()))
             restarter.append(t)
             t.start()
 

@@ -48,12 +48,27 @@ class Broker:
 
         Connections drop; durable queues and persistent messages survive.
         """
+        self.stop(timeout)
+        self.start(timeout)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the broker's application; returns once it is down (connections dropped).
+
+        A test that must send while the broker is away stops it here and starts it later,
+        rather than starting a restart and hoping its sends land in the gap.
+        """
+        self._ctl("stop_app", timeout)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the broker's application again and wait until it takes connections."""
+        self._ctl("start_app", timeout)
+        self.wait(timeout)
+
+    def _ctl(self, command: str, timeout: float) -> None:
         ctl = shutil.which("rabbitmqctl")
         if ctl is None:
             raise BrokerUnavailable("rabbitmqctl is not on PATH: cannot restart the broker")
-        subprocess.run([ctl, "stop_app"], check=True, capture_output=True, timeout=timeout)
-        subprocess.run([ctl, "start_app"], check=True, capture_output=True, timeout=timeout)
-        self.wait(timeout)
+        subprocess.run([ctl, command], check=True, capture_output=True, timeout=timeout)
 
     def wait(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
