@@ -32,13 +32,27 @@ class CaTimeoutError(CaError, TimeoutError):
     """A PV that did not connect or answer in time; the message names it."""
 
 
+#: Name lists already checked (a scan reads the same list again and again), as checked.
+_CHECKED: dict[tuple[Any, ...], list[str]] = {}
+
+
 def _names(names: Iterable[str]) -> list[str]:
-    if isinstance(names, str | bytes):
+    if isinstance(names, (str, bytes)):
         raise TypeError(f"names must be a collection of PV names, not one string: {names!r}")
-    out = list(dict.fromkeys(names))
-    if not all(type(n) is str and 0 < len(n) <= 1000 for n in out):
-        bad = [n for n in out if not isinstance(n, str) or not n or len(n) > 1000]
+    key = tuple(names)
+    try:
+        return _CHECKED[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable name: the check below names it
+        pass
+    if not all(type(n) is str and 0 < len(n) <= 1000 for n in key):
+        bad = [n for n in key if not isinstance(n, str) or not n or len(n) > 1000]
         raise ValueError(f"invalid PV names (must be non-empty str): {bad[:5]!r}")
+    out = list(dict.fromkeys(key))
+    if len(_CHECKED) >= 64:
+        _CHECKED.clear()
+    _CHECKED[key] = out
     return out
 
 
@@ -92,7 +106,8 @@ def _read_sync(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     ctx = context()
     deadline = time.monotonic() + timeout
-    chans = ctx.channels(names)
+    # Names read before and all still connected need no channel made or waited for.
+    chans = [] if ctx.plan(names).ready else ctx.channels(names)
     ok: dict[str, Any] = {}
     failed: dict[str, str] = {}
 
