@@ -64,13 +64,13 @@ def group_reads(monkeypatch):
     ctx = context()
     monkeypatch.setattr(ctx, "use_sync_groups", True)
     calls: list[int] = []
-    real = ctx.sg_get
+    real = ctx.sg_get_ready
 
-    def counting(gid, dbrcode, count, chid, addr):
-        calls.append(chid)
+    def counting(gid, dbrcode, count, chid, addr):  # (ready ctypes objects, see _issue)
+        calls.append(chid.value)
         return real(gid, dbrcode, count, chid, addr)
 
-    monkeypatch.setattr(ctx, "sg_get", counting)
+    monkeypatch.setattr(ctx, "sg_get_ready", counting)
     return calls
 
 
@@ -179,12 +179,12 @@ async def test_a_reply_that_never_lands_fails_its_pv_alone(bank_ioc, group_reads
     chans = ctx.channels(names)
     assert not ctx.wait_connected(chans, 5)
     lost = chans[3].chid
-    real = ctx.sg_get
+    real = ctx.sg_get_ready
 
     def drop_one(gid, dbrcode, count, chid, addr):
-        return ECA_NORMAL if chid == lost else real(gid, dbrcode, count, chid, addr)
+        return ECA_NORMAL if chid.value == lost else real(gid, dbrcode, count, chid, addr)
 
-    monkeypatch.setattr(ctx, "sg_get", drop_one)
+    monkeypatch.setattr(ctx, "sg_get_ready", drop_one)
     results = await ctx.read_now_async(names, 5.0, ctx.io.plans["time"])
     assert results[names[3]] == Failed(f"{names[3]}: no reply (disconnected)")
     assert [results[n].value.value for i, n in enumerate(names) if i != 3] == [  # type: ignore[union-attr]
@@ -251,3 +251,79 @@ def test_a_hung_ioc_does_not_hold_up_another_threads_bulk_read(ioc_factory, bank
         assert hung_result == dict.fromkeys(hung_names)  # A's read failed, PV by PV
     finally:
         os.kill(hung.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("native", [1, 2, 4, 5, 6])
+@pytest.mark.parametrize("cast", [None, int, bool])
+def test_reading_decoder_gives_what_ophyd_async_makes_of_aiocas_value(ioc, native, cast):
+    """The ophyd-async reading made where the group is decoded, against ophyd-async's own."""
+    from types import SimpleNamespace
+
+    from ophyd_async.epics.core._aioca import CaBoolConverter, CaConverter, CaIntConverter
+    from ophyd_async.epics.core._aioca import CaSignalBackend as AiocaBackend
+
+    from beampipe_ca._libca import _OaReading
+
+    ctx = context()
+    chan = ctx.channel(ioc.pv("ao"))
+    assert not ctx.wait_connected([chan], 5)
+    dbrcode, theirs = dbr.type_to_dbr(chan, native, dbr.FORMAT_TIME)
+    converter = {
+        None: CaConverter(float if native in (2, 6) else int, native),
+        int: CaIntConverter(int, native),
+        bool: CaBoolConverter(),
+    }[cast]
+    ours = _OaReading(chan.name, dbrcode, cast)
+    for severity in (0, 2, 3):  # INVALID (3) reads as -1
+        record = dbr.DbrCodeToType[dbrcode]()
+        record.status, record.severity = 3, severity
+        record.raw_stamp.secs, record.raw_stamp.nsec = 1_000_000_000, 123_456_789
+        record.raw_value[0] = {1: -1234, 2: 0.1, 4: 200, 5: -(2**31), 6: 2.0 / 3.0}[native]
+        raw = ctypes.addressof(record)
+        expected = AiocaBackend._make_reading(
+            SimpleNamespace(converter=converter), theirs(raw, dbrcode, 1)
+        )
+        columns = np.frombuffer(bytes(record), _TIME_DTYPES[native])[0]
+        for got in (
+            ours(raw, dbrcode, 1),  # a callback's reply
+            ours.fields(
+                *(columns[f].item() for f in ("value", "status", "severity", "secs", "nsec"))
+            ),
+        ):
+            assert got == expected
+            assert type(got["value"]) is type(expected["value"])
+
+
+class Numbers(StandardReadable):
+    """Number signals of every converter the reading path serves, and two it leaves alone."""
+
+    def __init__(self, backend: type, pv, name: str = "numbers") -> None:
+        with self.add_children_as_readables():
+            self.ao = SignalR(backend(float, pv("ao"), pv("ao")))
+            self.ao_int = SignalR(backend(int, pv("ao_int"), pv("ao_int")))  # CaIntConverter
+            self.long = SignalR(backend(int, pv("long"), pv("long")))
+            self.prec = SignalR(backend(int, pv("ao.PREC"), pv("ao.PREC")))  # SHORT
+            self.udf = SignalR(backend(bool, pv("ao.UDF"), pv("ao.UDF")))  # CHAR as bool
+            self.enum = SignalR(backend(str, pv("enum"), pv("enum")))
+            self.text = SignalR(backend(str, pv("str"), pv("str")))
+        super().__init__(name=name)
+
+
+async def test_device_readings_equal_ophyd_asyncs_own_backend(ioc, group_reads):
+    from ophyd_async.epics.core._aioca import CaSignalBackend as AiocaBackend
+
+    ours, theirs = Numbers(CaSignalBackend, ioc.pv), Numbers(AiocaBackend, ioc.pv)
+    await ours.connect(timeout=10)
+    await theirs.connect(timeout=10)
+    fast = {
+        sig.name
+        for sig in (ours.ao, ours.ao_int, ours.long, ours.prec, ours.udf, ours.enum, ours.text)
+        if sig._connector.backend._bp_reading is not None
+    }
+    assert fast == {"numbers-ao", "numbers-ao_int", "numbers-long", "numbers-prec", "numbers-udf"}
+    got, expected = await ours.read(), await theirs.read()
+    assert len(group_reads) >= 5
+    assert got == expected
+    assert {k: type(v["value"]) for k, v in got.items()} == {
+        k: type(v["value"]) for k, v in expected.items()
+    }

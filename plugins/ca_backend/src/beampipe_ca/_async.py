@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 from aioca import FORMAT_CTRL
 from aioca.types import AugmentedValue, Format
+from bluesky.protocols import Reading
 from ophyd_async.core import (
     DEFAULT_TIMEOUT,
     NotConnectedError,
@@ -29,6 +30,11 @@ from ophyd_async.core import (
     SignalX,
 )
 from ophyd_async.epics.core import EpicsOptions
+from ophyd_async.epics.core._aioca import (
+    CaBoolConverter,
+    CaConverter,
+    CaIntConverter,
+)
 from ophyd_async.epics.core._aioca import CaSignalBackend as _AiocaSignalBackend
 
 from beampipe import Failed, Ok, Outcome
@@ -53,6 +59,14 @@ def _value(outcome: Outcome[Any], pv: str) -> AugmentedValue:
     raise NotConnectedError(f"ca://{pv}: {outcome.reason}")
 
 
+#: Converters whose ``value()`` of a numeric scalar is the number itself or one cast of it.
+_CASTS: dict[type, Callable[[Any], Any] | None] = {
+    CaConverter: None,
+    CaIntConverter: int,
+    CaBoolConverter: bool,
+}
+
+
 def _is_number(value: Any, expected: type) -> bool:
     allowed = int | np.integer if expected is int else int | float | np.integer | np.floating
     return isinstance(value, allowed) and not isinstance(value, bool | np.bool_)
@@ -70,13 +84,41 @@ class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
         super().__init__(*args, **kwargs)
         #: format -> (channel, read key, coalescer) of the read PV, kept from its first read
         self._bp_reads: dict[Format, tuple[Channel, tuple[str, Any, Format], Any]] = {}
+        #: (channel, "reading" key, coalescer, its native type at connect) of a number PV
+        self._bp_reading: tuple[Channel, tuple[str, int, Any], Any, int] | None = None
 
     async def connect(self, timeout: float) -> None:
         # Attach this loop's thread to the shared context before aioca (puts, monitors)
         # first runs here, so aioca adopts it instead of making a second context.
-        context().attach()
+        ctx = context()
+        ctx.attach()
         self._bp_reads.clear()  # the converter, hence the read key, is made again
+        self._bp_reading = None
         await super().connect(timeout)
+        conv, pv = self.converter, self.read_pv
+        read_dbr = int(conv.read_dbr)
+        if (
+            type(conv) in _CASTS
+            and (type(conv) is not CaConverter or conv.datatype in (int, float))
+            and read_dbr in (1, 2, 4, 5, 6)  # short, float, char, long, double
+            and not pv.endswith("$")
+        ):
+            chan = ctx.channel(pv)
+            if chan.up and chan.count == 1:
+                key = (pv, read_dbr, _CASTS[type(conv)])
+                self._bp_reading = (chan, key, ctx.reads, chan.native)
+
+    async def get_reading(self) -> Reading[SignalDatatypeT]:
+        # A Device.read() of plain number signals: the reading is made where the batch is
+        # decoded (see _OaReading), so no augmented value is made for it.  Anything else,
+        # or a channel down or of another native type since connect, takes ophyd-async's path.
+        fast = self._bp_reading
+        if fast is None or not fast[0].copyable or fast[0].native != fast[3]:
+            return await super().get_reading()
+        chan, key, reads, _native = fast
+        outcome = await reads.get_async("reading", key, self.read_timeout, chan.host)
+        # A copy: signals of one PV read in the same turn share one wire read.
+        return dict(_value(outcome, key[0]))  # type: ignore[return-value]
 
     async def _read(self, pv: str, datatype: Any, fmt: Format, timeout: float) -> AugmentedValue:
         ctx = context()

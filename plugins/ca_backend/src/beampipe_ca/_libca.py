@@ -506,6 +506,7 @@ class _Context:
         self.lib.ca_sg_delete.argtypes = [u]
         self.sg_delete = self.lib.ca_sg_delete
         self.sg_test = ctypes.PYFUNCTYPE(ctypes.c_int, u)(("ca_sg_test", self.lib))
+        self.sg_get_ready = ctypes.PYFUNCTYPE(ctypes.c_int)(("ca_sg_array_get", self.lib))
         self.sg_get = ctypes.PYFUNCTYPE(
             ctypes.c_int, u, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
         )(("ca_sg_array_get", self.lib))
@@ -866,12 +867,14 @@ class _Context:
                 # A scalar on a pinned channel (never cleared, so every read gets an answer).
                 if sg is None:
                     sg = self._new_sync_group(len(keys), deadline)
-                    sg_get, gid = self.sg_get, sg.gid
+                    sg_get, gid, ptr = self.sg_get_ready, ctypes.c_uint(sg.gid), ctypes.c_void_p
                 slot = rows.get(dbrcode)
                 if slot is None:
                     slot = rows[dbrcode] = sg.allocate(dbrcode)
                 addr, size, members = slot
-                status = sg_get(gid, dbrcode, 1, chan.chid, addr + len(members) * size)
+                status = sg_get(
+                    gid, _DBR_ARGS[dbrcode - 14], _ONE, chan.carg, ptr(addr + len(members) * size)
+                )
                 if status == ECA_NORMAL:
                     members.append(idx)
                     sentinel = chan
@@ -977,7 +980,7 @@ class _Context:
                         continue
                     decode = decoders[idx]
                     try:
-                        if type(decode) is _AugScalar:
+                        if isinstance(decode, _AugScalar):
                             results[key] = Ok(decode.fields(value, status, severity, secs, nsec))
                         else:
                             results[key] = Ok(decode(base + row * size, dbrcode, 1))
@@ -1507,8 +1510,34 @@ class _AugScalar:
         return result
 
 
+class _OaReading(_AugScalar):
+    """A numeric DBR_TIME scalar decoded straight into the ophyd-async ``Reading`` dict.
+
+    What ophyd-async's CA backend makes of aioca's value for a plain number
+    signal (``converter.value``, the rounded time stamp, severities above
+    INVALID as -1), without the augmented value in between: a ``Device.read()``
+    of 200 signals spent 4.5 us per signal on that object and the dict after it.
+    ``cast`` is what the converter applies to the number (``int``, ``bool``) or None.
+    """
+
+    __slots__ = ("cast",)
+
+    def __init__(self, name: str, dbrcode: int, cast: Callable[[Any], Any] | None) -> None:
+        super().__init__(name, dbrcode, dbrcode - 14, 1)
+        self.cast = cast
+
+    def fields(self, value: Any, status: int, severity: int, secs: int, nsec: int) -> Any:
+        secs += EPICS_EPOCH
+        return {
+            "value": value if self.cast is None else self.cast(value),
+            "timestamp": round(secs + nsec * 1e-9, 6),  # (epicscorelibs' own rounding)
+            "alarm_severity": -1 if severity > 2 else severity,
+        }
+
+
 class _ReadIO:
-    """The BatchIO the Coalescer drives: ops ``time``, ``ctrl``, ``aug`` (aioca), ``meta``."""
+    """The BatchIO the Coalescer drives: ops ``time``, ``ctrl``, ``aug`` (aioca), ``meta``,
+    ``reading`` (ophyd-async readings of numeric scalars)."""
 
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx
@@ -1517,6 +1546,7 @@ class _ReadIO:
             "ctrl": self._plan_ctrl,
             "aug": self._plan_aug,
             "meta": self._plan_meta,
+            "reading": self._plan_reading,
         }
 
     def issue(
@@ -1584,6 +1614,21 @@ class _ReadIO:
             ):
                 decode = _AugScalar(chan.name, dbrcode, dbrcode - 14, 1)
             found = chan.decoders[cache_key] = (dbrcode, 0, decode)
+        return found
+
+    def _plan_reading(self, chan: Channel, key: Any) -> tuple[int, int, Callable[..., Any]]:
+        """Keys ``(name, DBR type to read, cast)``: a numeric scalar read as that type."""
+        _name, native, cast = key
+        cache_key = (chan.generation, "reading", native, cast)
+        found = chan.decoders.get(cache_key)
+        if found is None:
+            if not (chan.count == 1 and 0 < native < 7 and native != 3):
+                raise CaError(f"not a numeric scalar read as DBR type {native}")
+            found = chan.decoders[cache_key] = (
+                native + 14,
+                1,
+                _OaReading(chan.name, native + 14, cast),
+            )
         return found
 
 
