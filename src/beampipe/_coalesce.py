@@ -8,7 +8,10 @@ Timing policy: a thread that submits a request pumps the planner itself, so a
 lone read is issued on the caller's own thread with no hand-off or wake-up.
 Coroutines defer the pump to the end of the current event-loop iteration, so a
 ``gather`` over 200 signals leaves as one batch while a lone ``await`` costs a
-single loop turn.
+single loop turn.  The single-key awaits of one loop turn (same op, route and
+timeout) go to the planner as one request, a :class:`_Turn`: one ticket, one
+delivery and one expiry for the lot, which is what an ophyd-async
+``Device.read()`` makes of its signals.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from asyncio import get_running_loop as _get_running_loop
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._batching import Batch, Delivery, Outcome, Planner, Ticket
+from ._batching import Batch, Delivery, Failed, Ok, Outcome, Planner, Ticket
 
 __all__ = ["BatchIO", "Coalescer"]
 
@@ -73,9 +76,54 @@ class _AsyncWaiter(_Waiter[K, V]):
         self.future: asyncio.Future[dict[K, Outcome[V]]] = loop.create_future()
 
 
+class _Turn(Generic[K, V]):
+    """The single-key awaits of one event-loop turn under one (op, route, timeout).
+
+    The planner sees the turn as one request (its key is the turn itself); the
+    I/O layer sees its keys, flattened into the batch.  ``live`` counts the
+    awaits not cancelled: when none is left the request is withdrawn.
+    """
+
+    __slots__ = ("deadline", "futures", "keys", "live", "loop", "results", "ticket")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self.loop = loop
+        self.deadline = deadline
+        self.keys: list[K] = []
+        self.futures: list[asyncio.Future[Outcome[V]]] = []
+        self.live = 0
+        self.ticket: Ticket | None = None
+        #: The wire batch's results, set by the completer before the turn is delivered.
+        self.results: Mapping[Any, Outcome[V]] = {}
+
+    def __repr__(self) -> str:
+        return f"<turn of {len(self.keys)} reads>"
+
+    def finish(self, outcome: Outcome[Any]) -> None:
+        """On the turn's loop: every await gets its key's outcome (or the turn's failure)."""
+        if isinstance(outcome, Failed):
+            why = outcome.reason.removeprefix(f"{self!r}: ")
+            for key, future in zip(self.keys, self.futures, strict=True):
+                if not future.done():
+                    future.set_result(Failed(f"{key}: {why}"))
+            return
+        results = self.results
+        for key, future in zip(self.keys, self.futures, strict=True):
+            if not future.done():
+                got = results.get(key)
+                future.set_result(got if got is not None else Failed(f"{key}: no result"))
+
+
+#: What the planner is told of a turn whose batch came back (its keys' results are on it).
+_TURN_DONE: Ok[None] = Ok(None)
+
+
 def _finish_all(finished: list[tuple[Any, Any]]) -> None:
-    """On the waiters' loop: ``(future, outcome)`` of single-key awaits, ``(waiter, None)``."""
+    """On the waiters' loop: ``(future, outcome)``, ``(waiter, None)`` or ``(turn, outcome)``."""
     for waiter, outcome in finished:
+        if type(waiter) is _Turn:
+            waiter.finish(outcome)
+            continue
         if outcome is None:
             outcome = waiter.results
             waiter = waiter.future
@@ -98,10 +146,14 @@ class Coalescer(Generic[K, V]):
         self._io = io
         self._clock = clock
         self.name = name
-        self._planner: Planner[K, V] = Planner(max_batch=max_batch, max_in_flight=max_in_flight)
+        # (keys: the callers' keys, and _Turns)
+        self._planner: Planner[Any, V] = Planner(max_batch=max_batch, max_in_flight=max_in_flight)
         self._lock = threading.Lock()
-        #: ticket -> its caller: a waiter for a set of keys, or a single-key await's future
-        self._waiters: dict[Ticket, _Waiter[K, V] | asyncio.Future[Outcome[V]]] = {}
+        #: ticket -> its caller: a waiter for a set of keys, a single-key await's future,
+        #: or a loop turn of single-key awaits
+        self._waiters: dict[Ticket, _Waiter[K, V] | asyncio.Future[Outcome[V]] | _Turn[K, V]] = {}
+        #: loop -> its turns still open, by (op, route, timeout)
+        self._open_turns: dict[asyncio.AbstractEventLoop, dict[tuple[Any, ...], _Turn[K, V]]] = {}
         self._pump_scheduled: set[asyncio.AbstractEventLoop] = set()
         # loop -> (deadline on our clock, the timer that fires then)
         self._timers: dict[asyncio.AbstractEventLoop, tuple[float, asyncio.TimerHandle]] = {}
@@ -140,31 +192,56 @@ class Coalescer(Generic[K, V]):
         """Await one key's outcome; concurrent awaits in one loop turn share a batch.
 
         This is the path every ophyd-async signal read takes, 200 at a time in a
-        ``gather``, so it is written out flat (one lock, no inner coroutine, the
-        timer check inline): each of those costs a microsecond per signal.
+        ``gather``, so it only joins this loop turn's :class:`_Turn` (no lock, no
+        planner call): the turn goes to the planner as one request when the
+        turn ends.
         """
         if type(timeout) is not float or not timeout > 0.0:
             _check_timeout(timeout)
+        if not isinstance(op, str) or not op:
+            raise ValueError(f"op must be a non-empty string, got {op!r}")
         loop = _get_running_loop()
-        deadline = self._clock() + timeout
-        # The waiter of a single-key await is its future itself: the outcome is set on it.
+        turns = self._open_turns.get(loop)
+        if turns is None:
+            turns = self._open_turns[loop] = {}
+            loop.call_soon(self._close_turns, loop)
+        try:
+            hash(key)
+            turn = turns.get((op, route, timeout))
+        except TypeError as exc:
+            raise TypeError(f"key and route must be hashable: {key!r}, {route!r}") from exc
+        if turn is None:
+            turn = turns[(op, route, timeout)] = _Turn(loop, self._clock() + timeout)
         future: asyncio.Future[Outcome[V]] = loop.create_future()
-        with self._lock:
-            ticket = self._planner.request(op, key, deadline=deadline, route=route)
-            self._waiters[ticket] = future
-            if loop not in self._pump_scheduled:
-                self._pump_scheduled.add(loop)
-                loop.call_soon(self._pump_from_loop, loop)
-        armed = self._timers.get(loop)
-        if armed is None or armed[0] > deadline:
-            self._arm_timer(loop, deadline)
+        turn.keys.append(key)
+        turn.futures.append(future)
+        turn.live += 1
         try:
             return await future
         except asyncio.CancelledError:
-            with self._lock:
-                if self._waiters.pop(ticket, None) is not None:
-                    self._planner.cancel(ticket)
+            turn.live -= 1
+            if not turn.live and turn.ticket is not None:
+                # Nobody waits for the turn any more: withdraw it (frees its route's slot).
+                with self._lock:
+                    if self._waiters.pop(turn.ticket, None) is not None:
+                        self._planner.cancel(turn.ticket)
             raise
+
+    def _close_turns(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At the end of a loop turn: its turns go to the planner, one request each."""
+        turns = self._open_turns.pop(loop, {})
+        nearest = None
+        with self._lock:
+            for (op, route, _timeout), turn in turns.items():
+                if not turn.live:
+                    continue  # every await of it was cancelled within the turn
+                turn.ticket = self._planner.request(op, turn, deadline=turn.deadline, route=route)
+                self._waiters[turn.ticket] = turn
+                if nearest is None or turn.deadline < nearest:
+                    nearest = turn.deadline
+        if nearest is not None:
+            self._arm_timer(loop, nearest)
+            self._pump()
 
     async def get_many_async(
         self,
@@ -249,7 +326,16 @@ class Coalescer(Generic[K, V]):
             self.batches_issued += len(batches)
         for batch in batches:
             try:
-                self._io.issue(batch, self._completer(batch.id))
+                turns: list[_Turn[K, V]] = [k for k in batch.keys if isinstance(k, _Turn)]
+                if not turns:
+                    self._io.issue(batch, self._completer(batch.id))
+                    continue
+                # The I/O layer sees the turns' keys, each once, in the order they came.
+                flat = dict.fromkeys(
+                    key for k in batch.keys for key in (k.keys if type(k) is _Turn else (k,))
+                )
+                wire = Batch(batch.id, batch.op, batch.route, tuple(flat), batch.deadline)
+                self._io.issue(wire, self._turn_completer(batch, turns))
             except Exception as exc:  # noqa: BLE001 - a plugin bug must fail its batch, not hang it
                 with self._lock:
                     deliveries = self._planner.fail_batch(
@@ -261,6 +347,24 @@ class Coalescer(Generic[K, V]):
         def complete(results: Mapping[Any, Outcome[V]]) -> None:
             with self._lock:
                 deliveries = self._planner.complete(batch_id, results)
+            self._deliver(deliveries)
+            self._pump()
+
+        return complete
+
+    def _turn_completer(
+        self, batch: Batch[Any], turns: list[_Turn[K, V]]
+    ) -> Callable[[Mapping[Any, Outcome[V]]], None]:
+        def complete(results: Mapping[Any, Outcome[V]]) -> None:
+            for turn in turns:
+                turn.results = results
+            told: dict[Any, Any] = {
+                k: (_TURN_DONE if type(k) is _Turn else results.get(k)) for k in batch.keys
+            }
+            with self._lock:
+                deliveries = self._planner.complete(
+                    batch.id, {k: v for k, v in told.items() if v is not None}
+                )
             self._deliver(deliveries)
             self._pump()
 
@@ -287,8 +391,8 @@ class Coalescer(Generic[K, V]):
                 waiter = pop(ticket, None)
                 if waiter is None:
                     continue
-                if not isinstance(waiter, _Waiter):  # the common case: one await, one key
-                    loop = waiter.get_loop()
+                if not isinstance(waiter, _Waiter):  # a loop turn of awaits, or one await
+                    loop = waiter.loop if isinstance(waiter, _Turn) else waiter.get_loop()
                     if loop is not last_loop:
                         last_loop = loop
                         last = done_async.setdefault(loop, [])
@@ -310,7 +414,7 @@ class Coalescer(Generic[K, V]):
 
 
 def _loop_of(waiter: Any) -> asyncio.AbstractEventLoop | None:
-    if isinstance(waiter, _AsyncWaiter):
+    if isinstance(waiter, _AsyncWaiter | _Turn):
         return waiter.loop
     return None if isinstance(waiter, _Waiter) else waiter.get_loop()
 

@@ -179,3 +179,60 @@ def test_no_keys_returns_at_once(server: FakeServer) -> None:
     assert c.get_many("read", [], timeout=5) == {}
     assert time.perf_counter() - t0 < 0.5
     assert server.batches == []
+
+
+async def test_a_loop_turn_is_one_planner_request_and_one_wire_batch(server: FakeServer) -> None:
+    """Awaits of one turn are one request (one ticket), duplicates read once."""
+    c: Coalescer[str, str] = Coalescer(server)
+    requests: list[Any] = []
+    real = c._planner.request
+
+    def counting(op: str, key: Any, **kw: Any) -> int:
+        requests.append(key)
+        return real(op, key, **kw)
+
+    c._planner.request = counting  # type: ignore[method-assign]
+    keys = ["A", "B", "A", "C"]
+    got = await asyncio.gather(
+        *(c.get_async("read", k, timeout=2.0) for k in keys),
+        c.get_async("read", "D", timeout=3.0),  # another timeout: its own turn, same batch
+    )
+    assert got == [Ok("A!"), Ok("B!"), Ok("A!"), Ok("C!"), Ok("D!")]
+    assert len(requests) == 2
+    assert server.batches == [("A", "B", "C", "D")]
+    assert not c._waiters
+
+
+async def test_a_hung_turn_fails_each_key_by_name_and_a_cancelled_await_leaves_the_rest(
+    server: FakeServer,
+) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    server.hang = True
+    tasks = [asyncio.create_task(c.get_async("read", k, timeout=0.2)) for k in ("A", "B", "C")]
+    await asyncio.sleep(0.05)
+    tasks[1].cancel()
+    assert await tasks[0] == Failed("A: timed out")
+    assert await tasks[2] == Failed("C: timed out")
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[1]
+    assert not c._waiters
+    server.hang = False
+    first = asyncio.create_task(c.get_async("read", "X", timeout=2.0))
+    second = asyncio.create_task(c.get_async("read", "Y", timeout=2.0))
+    await asyncio.sleep(0)  # both joined the turn; one of them gives up before it ends
+    second.cancel()
+    assert await first == Ok("X!")
+    assert server.batches[-1] == ("X", "Y")  # the turn still reads what it was asked
+
+
+async def test_a_turn_whose_every_await_is_cancelled_is_withdrawn(server: FakeServer) -> None:
+    c: Coalescer[str, str] = Coalescer(server)
+    server.hang = True
+    tasks = [asyncio.create_task(c.get_async("read", k, timeout=30.0)) for k in ("A", "B")]
+    await asyncio.sleep(0.05)  # the turn is on the (hung) wire
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert not c._waiters and not list(c._planner.open_tickets())
+    server.hang = False
+    assert await c.get_async("read", "C", timeout=1.0) == Ok("C!"), "the route must be free"
