@@ -42,9 +42,7 @@ def _names(names: Iterable[str]) -> list[str]:
     key = tuple(names)
     try:
         return _CHECKED[key]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable name: the check below names it
+    except (KeyError, TypeError):  # (TypeError: an unhashable name, which the check names)
         pass
     if not all(type(n) is str and 0 < len(n) <= 1000 for n in key):
         bad = [n for n in key if not isinstance(n, str) or not n or len(n) > 1000]
