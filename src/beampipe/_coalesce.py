@@ -119,16 +119,12 @@ _TURN_DONE: Ok[None] = Ok(None)
 
 
 def _finish_all(finished: list[tuple[Any, Any]]) -> None:
-    """On the waiters' loop: ``(future, outcome)``, ``(waiter, None)`` or ``(turn, outcome)``."""
+    """On the waiters' loop: ``(turn, its outcome)`` or ``(many-key waiter, None)``."""
     for waiter, outcome in finished:
         if type(waiter) is _Turn:
             waiter.finish(outcome)
-            continue
-        if outcome is None:
-            outcome = waiter.results
-            waiter = waiter.future
-        if not waiter.done():
-            waiter.set_result(outcome)
+        elif not waiter.future.done():
+            waiter.future.set_result(waiter.results)
 
 
 class Coalescer(Generic[K, V]):
@@ -149,9 +145,8 @@ class Coalescer(Generic[K, V]):
         # (keys: the callers' keys, and _Turns)
         self._planner: Planner[Any, V] = Planner(max_batch=max_batch, max_in_flight=max_in_flight)
         self._lock = threading.Lock()
-        #: ticket -> its caller: a waiter for a set of keys, a single-key await's future,
-        #: or a loop turn of single-key awaits
-        self._waiters: dict[Ticket, _Waiter[K, V] | asyncio.Future[Outcome[V]] | _Turn[K, V]] = {}
+        #: ticket -> its caller: a waiter for a set of keys, or a loop turn of single-key awaits
+        self._waiters: dict[Ticket, _Waiter[K, V] | _Turn[K, V]] = {}
         #: loop -> its turns still open, by (op, route, timeout)
         self._open_turns: dict[asyncio.AbstractEventLoop, dict[tuple[Any, ...], _Turn[K, V]]] = {}
         self._pump_scheduled: set[asyncio.AbstractEventLoop] = set()
@@ -381,7 +376,7 @@ class Coalescer(Generic[K, V]):
         if not deliveries:
             return
         done_sync: list[_SyncWaiter[K, V]] = []
-        # loop -> what to finish there: (waiter, None) or (single-key future, its outcome)
+        # loop -> what to finish there: (turn, its outcome) or (many-key waiter, None)
         done_async: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
         last_loop: asyncio.AbstractEventLoop | None = None
         last: list[tuple[Any, Any]] = []
@@ -391,8 +386,8 @@ class Coalescer(Generic[K, V]):
                 waiter = pop(ticket, None)
                 if waiter is None:
                     continue
-                if not isinstance(waiter, _Waiter):  # a loop turn of awaits, or one await
-                    loop = waiter.loop if isinstance(waiter, _Turn) else waiter.get_loop()
+                if isinstance(waiter, _Turn):  # the common case: a loop turn of awaits
+                    loop = waiter.loop
                     if loop is not last_loop:
                         last_loop = loop
                         last = done_async.setdefault(loop, [])
@@ -414,9 +409,7 @@ class Coalescer(Generic[K, V]):
 
 
 def _loop_of(waiter: Any) -> asyncio.AbstractEventLoop | None:
-    if isinstance(waiter, _AsyncWaiter | _Turn):
-        return waiter.loop
-    return None if isinstance(waiter, _Waiter) else waiter.get_loop()
+    return waiter.loop if isinstance(waiter, _AsyncWaiter | _Turn) else None
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
