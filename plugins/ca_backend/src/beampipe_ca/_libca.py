@@ -431,7 +431,6 @@ class _ScalarRun(NamedTuple):
     records: np.ndarray[Any, Any]
     #: (chid, record address) per channel as ctypes objects: ``ca_array_get`` converts nothing
     calls: list[tuple[ctypes.c_void_p, ctypes.c_void_p]]
-    dbrcode: ctypes.c_long
 
 
 class _BulkPlan(NamedTuple):
@@ -492,9 +491,6 @@ class _Context:
         self.queue_get = ctypes.PYFUNCTYPE(
             ctypes.c_int, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, _EVENT_CB, ctypes.c_void_p
         )(("ca_array_get_callback", self.lib))
-        self.queue_get_copy = ctypes.PYFUNCTYPE(
-            ctypes.c_int, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
-        )(("ca_array_get", self.lib))
         self.lib.ca_pend_io.argtypes = [ctypes.c_double]
         # Sync groups: the short calls keep the GIL; ca_sg_block and ca_sg_delete let it go.
         u = ctypes.c_uint
@@ -507,9 +503,6 @@ class _Context:
         self.sg_delete = self.lib.ca_sg_delete
         self.sg_test = ctypes.PYFUNCTYPE(ctypes.c_int, u)(("ca_sg_test", self.lib))
         self.sg_get_ready = ctypes.PYFUNCTYPE(ctypes.c_int)(("ca_sg_array_get", self.lib))
-        self.sg_get = ctypes.PYFUNCTYPE(
-            ctypes.c_int, u, ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p
-        )(("ca_sg_array_get", self.lib))
         self.lib.ca_sg_block.argtypes = [u, ctypes.c_double]
         #: Scalars of batches go through sync groups (``BEAMPIPE_CA_SYNC_GROUPS=0``: callbacks).
         self.use_sync_groups = os.environ.get("BEAMPIPE_CA_SYNC_GROUPS", "1") != "0"
@@ -1047,8 +1040,7 @@ class _Context:
             records = np.zeros(len(chans), _TIME_DTYPES[native])
             base, size = records.ctypes.data, records.itemsize
             calls = [(c.carg, ctypes.c_void_p(base + i * size)) for i, c in enumerate(chans)]
-            dbrcode = ctypes.c_long(native + 14)
-            runs.append(_ScalarRun(native, chans, [c.name for c in chans], records, calls, dbrcode))
+            runs.append(_ScalarRun(native, chans, [c.name for c in chans], records, calls))
         ready = not rest and all(
             c.pinned for c in itertools.chain(arrays, *(r.chans for r in runs))
         )
@@ -1155,7 +1147,7 @@ class _Context:
         get, one = self.queue_get_ready, _ONE
         for run in runs:
             run.records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
-            dbrcode = run.dbrcode
+            dbrcode = _DBR_ARGS[run.native]
             for i, (chid, addr) in enumerate(run.calls):
                 status = get(dbrcode, one, chid, addr)
                 if status != ECA_NORMAL:
@@ -1183,12 +1175,13 @@ class _Context:
         with self._lock:
             self.batches_issued += 1
         sg = self._new_sync_group(max(len(run.chans) for run in runs), deadline)
+        sg_get, gid, ptr = self.sg_get_ready, ctypes.c_uint(sg.gid), ctypes.c_void_p
         try:
             for run in runs:
-                dbrcode = run.native + 14
-                addr, size, _members = sg.allocate(dbrcode)
+                addr, size, _members = sg.allocate(run.native + 14)
+                dbrcode = _DBR_ARGS[run.native]
                 for i, chan in enumerate(run.chans):
-                    status = self.sg_get(sg.gid, dbrcode, 1, chan.chid, addr + i * size)
+                    status = sg_get(gid, dbrcode, _ONE, chan.carg, ptr(addr + i * size))
                     if status != ECA_NORMAL:
                         why = f"ca_sg_array_get: {self.message(status)}"
                         failed[chan.name] = f"{chan.name}: {why}"
