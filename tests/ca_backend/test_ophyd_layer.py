@@ -177,6 +177,53 @@ def test_device_of_200_pvs_connects_with_batched_metadata(cl, bank_ioc):
     dev.destroy()
 
 
+def test_the_metadata_thread_is_started_by_the_thread_making_pvs_not_libcas(
+    cl, bank_ioc, monkeypatch
+):
+    """libca's receive thread never waits for a thread to start in a connection storm.
+
+    ``Thread.start`` waits for the new thread to run; on libca's thread that
+    wait stalled every connection callback behind it (up to 25 ms measured).
+    """
+    from beampipe_ca import _ophyd_shim
+
+    batcher = _ophyd_shim._batcher
+    starters: list[str] = []
+    start = type(batcher)._start
+
+    def recording_start(self: object) -> None:
+        starters.append(threading.current_thread().name)
+        start(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(batcher), "_start", recording_start)
+    monkeypatch.setattr(_ophyd_shim, "_LINGER_S", 0.5)
+    deadline = time.monotonic() + 2
+    while batcher._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)  # a thread left from an earlier test goes first
+    assert batcher._thread is None
+    dev = _bank_device(bank_ioc.prefix, BANK_SIZE)
+    dev.wait_for_connection(timeout=20)
+    assert starters == [threading.current_thread().name]  # once, by the building thread
+    thread = batcher._thread
+    assert thread is not None and thread.is_alive()
+    dev.destroy()
+    thread.join(timeout=5)  # and it goes once nothing comes for _LINGER_S
+    assert not thread.is_alive() and batcher._thread is None
+
+
+def test_a_key_failed_by_a_release_is_counted_once_when_its_reply_lands_too():
+    from beampipe._batching import Failed, Ok
+    from beampipe_ca._libca import _GetBatch
+
+    done: list[dict[str, object]] = []
+    batch = _GetBatch(["a", "b"], lambda results: done.append(dict(results)))
+    batch.settle("a", Failed("a: channel released while being read"))
+    batch.settle("a", Ok(1.0))  # the late reply
+    assert not done  # "b" is still owed
+    batch.settle("b", Ok(2.0))
+    assert done == [{"a": Failed("a: channel released while being read"), "b": Ok(2.0)}]
+
+
 def test_release_keeps_a_channel_another_pv_object_uses(cl, ioc):
     """pyepics shares one chid per name: releasing ours must not clear a user's epics.PV."""
     import epics

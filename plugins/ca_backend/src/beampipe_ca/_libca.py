@@ -347,7 +347,10 @@ class _GetBatch:
         self.sg: _SyncGroup | None = None
 
     def settle(self, key: Any, outcome: Outcome[Any]) -> None:
-        self.results[key] = outcome
+        # setdefault is one step under the GIL: a key that release() failed while its
+        # reply was being delivered is counted once, whichever came first.
+        if self.results.setdefault(key, outcome) is not outcome:
+            return
         if next(self.counter) == self.total:
             self.complete(self.results)
 
