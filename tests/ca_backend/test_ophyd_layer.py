@@ -211,6 +211,25 @@ def test_the_metadata_thread_is_started_by_the_thread_making_pvs_not_libcas(
     assert not thread.is_alive() and batcher._thread is None
 
 
+def test_our_pyepics_cache_entry_is_the_one_pyepics_makes(cl):
+    import epics.ca
+
+    from beampipe_ca._ophyd_shim import _cache_item
+
+    theirs = epics.ca._CacheItem(chid=1234, pvname="X:Y")
+    ours = _cache_item(1234, "X:Y", epics.ca.current_context())
+    assert type(ours) is type(theirs)
+    assert sorted(vars(ours)) == sorted(vars(theirs))
+    for name, value in vars(theirs).items():
+        mine = vars(ours)[name]
+        assert type(mine) is type(value), name
+        if name == "_chid":
+            assert mine.value == value.value
+        elif name not in ("lock", "get_results"):
+            assert mine == value, name
+    assert ours.get_results["x"] == theirs.get_results["x"] == [None]
+
+
 def test_a_key_failed_by_a_release_is_counted_once_when_its_reply_lands_too():
     from beampipe._batching import Failed, Ok
     from beampipe_ca._libca import _GetBatch

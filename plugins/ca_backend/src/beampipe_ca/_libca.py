@@ -527,6 +527,13 @@ class _Context:
         self.replace_access_rights_event = ctypes.PYFUNCTYPE(ctypes.c_int, vp, vp)(
             ("ca_replace_access_rights_event", self.lib)
         )
+        # And channel creation, 200 in a row while a Device is built: a CDLL call hands the
+        # GIL to libca's thread (busy with the connection callbacks of the names created
+        # just before) and waits to get it back, every time.  libca runs no callback
+        # under the lock ca_create_channel takes.
+        self.create_channel = ctypes.PYFUNCTYPE(
+            ctypes.c_int, ctypes.c_char_p, _CONN_CB, vp, ctypes.c_uint, ctypes.POINTER(vp)
+        )(("ca_create_channel", self.lib))
         self._pend_lock = threading.Lock()
         # ca_array_get with no argtypes: it is handed ready ctypes objects (_ScalarRun.calls).
         self.queue_get_ready = ctypes.PYFUNCTYPE(ctypes.c_int)(("ca_array_get", self.lib))
@@ -707,9 +714,7 @@ class _Context:
         # on libca's thread before ca_create_channel has returned the chid to us.
         self._by_token[token] = chan
         chan.token = token
-        status = self.lib.ca_create_channel(
-            name.encode(), self._conn_cb, token, 0, ctypes.byref(chid)
-        )
+        status = self.create_channel(name.encode(), self._conn_cb, token, 0, ctypes.byref(chid))
         if status != ECA_NORMAL or not chid.value:
             del self._channels[name]
             del self._by_token[token]

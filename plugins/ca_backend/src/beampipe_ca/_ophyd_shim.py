@@ -35,6 +35,7 @@ pyepics', so devices behave as they do on the pyepics layer.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -624,6 +625,30 @@ class _LinkListener:
                 logger.exception("%s: connection callback %r failed", entry.pvname, callback)
 
 
+def _cache_item(chid: int, pvname: str, context: int) -> Any:
+    """pyepics' ``_CacheItem(chid, pvname)``, without the libca call its ``__init__`` makes.
+
+    That call asks libca for the thread's context, which we already know, and
+    as a CDLL call it hands the GIL to libca's thread and waits to get it back:
+    200 times in a row while a Device is built, with that thread busy running
+    the connection callbacks of the names made before.  ``test_ophyd_layer``
+    holds the two side by side (pyepics is pinned to a minor release).
+    """
+    entry = epics.ca._CacheItem.__new__(epics.ca._CacheItem)
+    entry._chid = None
+    entry.context = context
+    entry.lock = threading.RLock()
+    entry.conn = False
+    entry.pvname = pvname
+    entry.ts = 0
+    entry.failures = 0
+    entry.get_results = collections.defaultdict(lambda: [None])
+    entry.callbacks = []
+    entry.access_event_callback = []
+    entry.chid = chid
+    return entry
+
+
 def _open(pv: Any) -> None:
     """Give a new PV object its channel: ours from ``_Context.hold``, seen through pyepics' cache.
 
@@ -644,7 +669,7 @@ def _open(pv: Any) -> None:
         if isinstance(entry, ca._SentinelWithLock):
             chan = ctx.hold(pv.pvname)
             try:
-                entry = ca._CacheItem(chid=chan.chid, pvname=pv.pvname)
+                entry = _cache_item(chan.chid, pv.pvname, pv.context)
                 entry.bp_chan = chan
                 entry.bp_listener = _LinkListener(entry)
                 ca._chid_cache[chan.chid] = entry
