@@ -403,8 +403,9 @@ class _MetadataBatcher:
     """Serves ophyd's metadata requests in batches; a short-lived thread does the reads.
 
     While one batch is on the wire, new requests queue and leave together as
-    the next one.  The thread exits as soon as the queue is empty, so nothing
-    lingers between connection storms.
+    the next one.  The thread is started by whoever makes PV objects
+    (``expect``) and exits once the queue is empty and no PV object was made
+    for ``_LINGER_S``, so nothing lingers between connection storms.
 
     A PV's first connection also starts its metadata read at once (*prefetch*),
     from the libca thread that reports it: ophyd only asks for the metadata when
