@@ -1069,8 +1069,9 @@ class _Context:
         made of.  Each slot's severity starts as -1, a value no IOC sends,
         so a slot the reply never filled is told apart and fails alone.
         Numeric arrays need a callback (their length, NORD, is only known in
-        the reply), which only copies the reply aside (:class:`_ArrayBatch`);
-        they become numpy arrays here, after the wait.  Only for Python
+        the reply), which copies the reply aside and views its value as a numpy
+        array while later replies are still on the wire (:class:`_ArrayBatch`).
+        Only for Python
         threads: libca forbids ``ca_pend_io`` on its own callback threads,
         where everything takes the general callback path.
         """
@@ -1151,7 +1152,8 @@ class _Context:
     ) -> int:
         """``ca_array_get`` x N into the plan's records and one ``ca_pend_io`` (hold _pend_lock)."""
         self.attach()
-        self.batches_issued += 1
+        with self._lock:  # (the counter other threads bump too: += is not atomic)
+            self.batches_issued += 1
         get, one = self.queue_get_ready, _ONE
         for run in runs:
             run.records["severity"].fill(-1)  # a value no IOC sends: "no reply landed here"
