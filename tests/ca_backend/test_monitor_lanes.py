@@ -211,6 +211,38 @@ def test_lanes_unit_order_and_isolation():
     assert got["a"] == list(range(1000))
 
 
+def test_two_lanes_posted_to_one_idle_worker_each_get_a_worker():
+    """An idle worker already woken for one lane is not counted for the next.
+
+    Seen in the full suite: a blocked Device's event and another Device's came
+    together while one worker idled; both posts counted that worker, so the
+    second lane waited behind the blocked one (0 events in 0.5 s).
+    """
+    import sys
+
+    from beampipe_ca._monitors import MonitorLanes
+
+    lanes = MonitorLanes()
+    gate, other_ran = threading.Event(), threading.Event()
+    first, blocked, other = object(), object(), object()  # lane keys (ids: kept alive)
+    lanes.post(first, lambda: None, (), {})  # one worker, which then idles
+    deadline = time.monotonic() + 5
+    while lanes._idle != 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert lanes._idle == 1
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # the woken worker can not run between the two posts
+    try:
+        lanes.post(blocked, gate.wait, (GATE_LIMIT,), {})
+        lanes.post(other, other_ran.set, (), {})
+    finally:
+        sys.setswitchinterval(interval)
+    try:
+        assert other_ran.wait(2), "the second lane waited behind the blocked one"
+    finally:
+        gate.set()
+
+
 def test_destroy_ends_the_monitor_subscription(ioc):
     """Releasing a monitored PV clears its libca subscription (not only its callbacks).
 

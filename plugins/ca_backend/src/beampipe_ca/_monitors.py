@@ -92,7 +92,9 @@ class MonitorLanes:
                 return
             lane.scheduled = True
             self._ready.append(lane)
-            if self._idle:
+            # An idle worker counts until it runs, and one woken for an earlier lane
+            # takes that lane: wake one only while the idle outnumber the lanes waiting.
+            if self._idle >= len(self._ready):
                 self._wake.notify()
                 return
             if self._workers >= MAX_WORKERS:
