@@ -171,8 +171,10 @@ def test_a_quick_reader_in_another_process_gets_the_hot_slot(shm_name: str, agen
     done = reader.expect("done")
     assert done["bad"] == 0
     assert done["seqs"] == list(range(1, 71))
-    # a reader kept off its CPU for over 4 ms makes a wait miss (and the next skipped): allowed
-    assert hits >= 30, counts
+    # a reader kept off its CPU for over 4 ms makes a wait miss (and the next skipped): allowed.
+    # Without the wait there are no hits at all; alone this test saw 57-60 of the 60, in the
+    # full suite on a loaded 2-CPU VM 27 was seen (6 misses, 23 skips).
+    assert hits >= 20, counts
     assert same >= hits, counts
 
 
