@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,27 @@ class Ioc:
                 self._proc.stdin.close()
             self._proc = None
 
+    def freeze(self, timeout: float = 5.0) -> None:
+        """Stop the IOC with SIGSTOP, a hung IOC: its circuits stay up, nothing answers.
+
+        Returns once every thread of it is stopped: ``kill`` returns before that,
+        and a request sent in between could still be answered on a loaded machine.
+        """
+        pid = self.pid
+        if pid is None:
+            raise RuntimeError(f"{self!r} is not running")
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not _all_stopped(pid):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self!r}: not stopped {timeout:g} s after SIGSTOP")
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        """Let a frozen IOC run again (SIGCONT)."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGCONT)
+
     def restart(self, down_for: float = 0.0) -> Ioc:
         """Stop and start again with the same prefix and database, as a rebooted IOC would."""
         self.stop()
@@ -249,6 +271,23 @@ class Ioc:
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
         return f"Ioc({self.db.name!r}, prefix={self.prefix!r}, {state})"
+
+
+def _all_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is in the stopped state (``T`` in its /proc stat)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True  # gone: nothing answers either
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue  # a thread that exited meanwhile
+        if state not in ("T", "t"):
+            return False
+    return True
 
 
 def _has_pvxs() -> bool:
