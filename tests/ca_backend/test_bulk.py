@@ -213,6 +213,38 @@ def test_concurrent_threads_coalesce(bank_ioc):
     assert reads.batches_issued - before < BANK_SIZE
 
 
+def test_threads_and_a_coroutine_waiting_on_the_same_new_channels(bank_ioc):
+    """One waiter per wait, not per channel: each wakes once its own set is up, and leaves
+    nothing registered on the channels, whether they connected or it timed out."""
+    ctx = context()
+    fresh = [ctx.channel(bank_ioc.pv(f"s{i}.DESC")) for i in range(40)]
+    missing = ctx.channel(bank_ioc.pv("no_such_record"))
+    down: dict[str, list[str]] = {}
+
+    def wait(who: str, chans: list) -> None:
+        down[who] = [c.name for c in ctx.wait_connected(chans, 2.0)]
+
+    async def wait_async() -> list[str]:
+        return [c.name for c in await ctx.wait_connected_async(fresh[::2], 10.0)]
+
+    threads = [
+        threading.Thread(target=wait, args=("all", [*fresh, missing])),
+        threading.Thread(target=wait, args=("half", fresh[1::2])),
+    ]
+    for t in threads:
+        t.start()
+    assert asyncio.run(wait_async()) == []
+    for t in threads:
+        t.join(10)
+    assert down == {"all": [missing.name], "half": []}
+    assert all(c.up for c in fresh) and not missing.up
+    assert [c._waiters for c in [*fresh, missing]] == [[]] * (len(fresh) + 1)
+    # Already up: no wait at all.
+    t0 = time.monotonic()
+    assert ctx.wait_connected(fresh, 5.0) == []
+    assert time.monotonic() - t0 < 0.5
+
+
 async def test_gather_of_single_async_reads_is_one_batch(bank_ioc):
     names = [bank_ioc.pv(f"s{i}") for i in range(BANK_SIZE)]
     assert await beampipe_ca.connect_async(names, timeout=20) == []

@@ -123,7 +123,7 @@ class CaSignalBackend(_AiocaSignalBackend[SignalDatatypeT]):
     async def _read(self, pv: str, datatype: Any, fmt: Format, timeout: float) -> AugmentedValue:
         ctx = context()
         chan = ctx.channel(pv)
-        if not chan.connected.is_set() and await ctx.wait_connected_async([chan], timeout):
+        if not chan.up and await ctx.wait_connected_async([chan], timeout):
             raise NotConnectedError(f"ca://{pv}: not connected within {timeout:g} s")
         key = (pv, datatype, fmt)
         return _value(await ctx.reads.get_async("aug", key, timeout, ctx.route(pv)), pv)

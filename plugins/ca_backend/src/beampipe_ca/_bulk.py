@@ -252,7 +252,7 @@ def caget(name: str, timeout: float = 5.0) -> Reading:
     ctx = context()
     deadline = time.monotonic() + timeout
     chan = ctx.channel(name)
-    if not chan.connected.is_set() and not chan.connected.wait(timeout - _read_reserve(timeout)):
+    if not chan.up and ctx.wait_connected([chan], timeout - _read_reserve(timeout)):
         raise CaTimeoutError(_not_connected(name, timeout).reason)
     left = max(1e-3, deadline - time.monotonic())
     return _raise(ctx.reads.get("time", name, left, ctx.route(name)), name)

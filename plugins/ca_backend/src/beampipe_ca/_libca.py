@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -210,7 +211,6 @@ class Channel:
         "_waiters",
         "carg",
         "chid",
-        "connected",
         "copyable",
         "count",
         "dead",
@@ -232,8 +232,8 @@ class Channel:
         self._as_parameter_: int = 0  # lets epicscorelibs' cadef functions take a Channel
         #: The chid as a ready ctypes argument, for the calls that skip argtypes conversion.
         self.carg = ctypes.c_void_p(0)
-        self.connected = threading.Event()
-        #: Same as ``connected.is_set()``, as a plain attribute for the per-PV hot paths.
+        #: Connected now.  Waiters register in ``_waiters`` (no Event per channel: a
+        #: threading.Event is 6 objects and 4 us to make, a fifth of a Device's build per PV).
         self.up = False
         #: Up, one element, of a type the ``ca_pend_io`` scalar path decodes.
         self.copyable = False
@@ -242,7 +242,11 @@ class Channel:
         self.host = ""
         #: Bumped on every (re)connection: readers can tell a value from before a restart.
         self.generation = 0
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        #: Who waits for the next connection: (loop, future) of a coroutine, or the
+        #: ``_ConnectWait`` of a blocked thread.
+        self._waiters: list[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | _ConnectWait
+        ] = []
         #: (generation, what) -> (dbrcode, decoder), made once per connection and request kind.
         self.decoders: dict[Hashable, Any] = {}
         self.listeners: list[Callable[[Channel, bool], None]] = []
@@ -261,22 +265,24 @@ class Channel:
         return _TYPE_NAMES[self.native] if 0 <= self.native < len(_TYPE_NAMES) else "?"
 
     def __repr__(self) -> str:
-        state = (
-            f"{self.type_name}[{self.count}] on {self.host}" if self.connected.is_set() else "down"
-        )
+        state = f"{self.type_name}[{self.count}] on {self.host}" if self.up else "down"
         return f"<Channel {self.name} {state}>"
 
 
-class _LiveConnected:
-    """``Channel.connected`` for a channel someone else owns: asks libca each time."""
+class _ConnectWait:
+    """One blocked thread waiting for a set of channels: one Event for the lot."""
 
-    __slots__ = ("chid", "lib")
+    __slots__ = ("done", "pending")
 
-    def __init__(self, lib: ctypes.CDLL, chid: int) -> None:
-        self.lib, self.chid = lib, chid
+    def __init__(self, chans: list[Channel]) -> None:
+        self.pending = {id(c) for c in chans}
+        self.done = threading.Event()
 
-    def is_set(self) -> bool:
-        return bool(self.lib.ca_state(self.chid) == CS_CONN)
+    def arrived(self, chan: Channel) -> None:
+        """A channel connected (libca thread), or was found up on the re-check."""
+        self.pending.discard(id(chan))
+        if not self.pending:
+            self.done.set()
 
 
 class ForeignChannel(Channel):
@@ -298,7 +304,6 @@ class ForeignChannel(Channel):
         self.decoders = {}
         self.chid = self._as_parameter_ = chid
         self.carg = ctypes.c_void_p(chid)
-        self.connected = _LiveConnected(lib, chid)  # type: ignore[assignment]
 
     @property
     def host(self) -> str:  # type: ignore[override]
@@ -654,7 +659,6 @@ class _Context:
         with self._foreign_lock:  # after this no request is queued on the chid (see _issue)
             chan.dead = True
         chan.up = chan.copyable = False
-        chan.connected.clear()
         self._changed()
         self._fail_in_flight(chan.name, f"{chan.name}: channel released while being read")
         if _libca_finalized():
@@ -740,15 +744,15 @@ class _Context:
                 chan.host = (self.host_name(chid) or b"").decode(errors="replace")
                 chan.generation += 1
                 chan.copyable = chan.count == 1 and chan.native in _TIME_LAYOUT
-                chan.up = True
-                chan.connected.set()
+                chan.up = True  # before the swap: a waiter registering now sees it on its re-check
                 waiters, chan._waiters = chan._waiters, []
-                for loop, fut in waiters:
-                    if not loop.is_closed():
-                        loop.call_soon_threadsafe(_set_none, fut)
+                for waiter in waiters:
+                    if isinstance(waiter, _ConnectWait):
+                        waiter.arrived(chan)
+                    elif not waiter[0].is_closed():
+                        waiter[0].call_soon_threadsafe(_set_none, waiter[1])
             else:
                 chan.up = chan.copyable = False
-                chan.connected.clear()
                 logger.info("%s: disconnected from %s", chan.name, chan.host)
             self._changed()
             for listener in list(chan.listeners):
@@ -762,24 +766,36 @@ class _Context:
     # -- connecting ------------------------------------------------------------------
     def wait_connected(self, chans: list[Channel], timeout: float) -> list[Channel]:
         """Wait until all are connected or the time is up; returns those still down."""
-        deadline = time.monotonic() + timeout
-        for chan in chans:
-            if not chan.connected.is_set():
-                chan.connected.wait(max(0.0, deadline - time.monotonic()))
-        return [c for c in chans if not c.connected.is_set()]
+        down = [c for c in chans if not c.up]
+        if down:
+            waiter = _ConnectWait(down)
+            with self._lock:
+                for chan in down:
+                    chan._waiters.append(waiter)
+            for chan in down:  # connected between the look and the registration
+                if chan.up:
+                    waiter.arrived(chan)
+            waiter.done.wait(timeout)
+            with self._lock:
+                for chan in down:
+                    # timed out, or parked after the connection's swap (a concurrent swap
+                    # may take the list from under us: then it is gone anyway)
+                    with contextlib.suppress(ValueError):
+                        chan._waiters.remove(waiter)
+        return [c for c in chans if not c.up]
 
     async def wait_connected_async(self, chans: list[Channel], timeout: float) -> list[Channel]:
         loop = asyncio.get_running_loop()
         futures = []
         with self._lock:
             for chan in chans:
-                if not chan.connected.is_set():
+                if not chan.up:
                     fut: asyncio.Future[None] = loop.create_future()
                     chan._waiters.append((loop, fut))
                     futures.append((chan, fut))
         # A connection that landed between the check and the registration.
         for chan, fut in futures:
-            if chan.connected.is_set() and not fut.done():
+            if chan.up and not fut.done():
                 fut.set_result(None)
         if futures:
             pending = [f for _c, f in futures]
@@ -789,8 +805,12 @@ class _Context:
             with self._lock:
                 for chan, fut in futures:
                     if fut.cancelled():
-                        chan._waiters = [(lp, f) for lp, f in chan._waiters if f is not fut]
-        return [c for c in chans if not c.connected.is_set()]
+                        chan._waiters = [
+                            w
+                            for w in chan._waiters
+                            if isinstance(w, _ConnectWait) or w[1] is not fut
+                        ]
+        return [c for c in chans if not c.up]
 
     # -- gets ------------------------------------------------------------------------
     def issue_gets(
