@@ -442,9 +442,11 @@ def ophyd_async_devices(ioc: Ioc, loop: asyncio.AbstractEventLoop) -> None:
             t0 = time.perf_counter()
             await dev.connect(timeout=10)
             connects[label].append(time.perf_counter() - t0)
-        # Reads interleaved, so both see the same load on this shared machine.
-        for _ in range(15):
-            for label, dev in devices.items():
+        # Reads interleaved, so both see the same load on this shared machine, in ABBA
+        # order, so neither always runs right after the other's leftovers.
+        order = list(devices.items())
+        for i in range(16):
+            for label, dev in order if i % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 reading = await dev.read()
                 reads[label].append(time.perf_counter() - t0)
