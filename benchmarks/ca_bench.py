@@ -211,8 +211,9 @@ def _read_row(
             "aioca caget(list)": (lambda: run(aioca.caget(names)), all_values),
             "caproto threading Batch": (lambda: _caproto_batch(cpvs), all_values),
         }
-    # 8 rounds of 8 back to back: the waveform row's ratio to the floor moved 0.8-1.6x from
-    # run to run with 3 rounds of 13 (a burst of load caught one client's whole turn)
+    # 8 rounds, each starting with the next client (see race): with 3 rounds of 13 in a
+    # fixed order, beampipe right after caproto's Batch, the waveform row's ratio to the
+    # floor moved 0.8-1.6x from run to run
     for client, seconds in race(clients, reps, rounds=8).items():
         record(row, client, seconds)
 
