@@ -777,12 +777,7 @@ class _Context:
                 if chan.up:
                     waiter.arrived(chan)
             waiter.done.wait(timeout)
-            with self._lock:
-                for chan in down:
-                    # timed out, or parked after the connection's swap (a concurrent swap
-                    # may take the list from under us: then it is gone anyway)
-                    with contextlib.suppress(ValueError):
-                        chan._waiters.remove(waiter)
+            self._unregister([(chan, waiter) for chan in down])
         return [c for c in chans if not c.up]
 
     async def wait_connected_async(self, chans: list[Channel], timeout: float) -> list[Channel]:
@@ -803,15 +798,16 @@ class _Context:
             _done, not_done = await asyncio.wait(pending, timeout=timeout)
             for fut in not_done:
                 fut.cancel()
-            with self._lock:
-                for chan, fut in futures:
-                    if fut.cancelled():
-                        chan._waiters = [
-                            w
-                            for w in chan._waiters
-                            if isinstance(w, _ConnectWait) or w[1] is not fut
-                        ]
+            self._unregister([(chan, (loop, fut)) for chan, fut in futures])
         return [c for c in chans if not c.up]
+
+    def _unregister(self, registrations: list[tuple[Channel, Any]]) -> None:
+        """Take waiters off their channels: timed out, or registered just after the
+        connection's swap (and told by the re-check).  One the swap took is gone already."""
+        with self._lock:
+            for chan, waiter in registrations:
+                with contextlib.suppress(ValueError):
+                    chan._waiters.remove(waiter)
 
     # -- gets ------------------------------------------------------------------------
     def issue_gets(
@@ -1092,9 +1088,8 @@ class _Context:
         Numeric arrays need a callback (their length, NORD, is only known in
         the reply), which copies the reply aside and views its value as a numpy
         array while later replies are still on the wire (:class:`_ArrayBatch`).
-        Only for Python
-        threads: libca forbids ``ca_pend_io`` on its own callback threads,
-        where everything takes the general callback path.
+        Only for Python threads: libca forbids ``ca_pend_io`` on its own
+        callback threads, where everything takes the general callback path.
         """
         if isinstance(threading.current_thread(), threading._DummyThread):
             return _split(self.read_now(names, timeout, self.io.plans["time"]), readings)
@@ -1134,10 +1129,7 @@ class _Context:
             if native == 0:
                 values = [v.decode(errors="replace") for v in values]
             if -1 not in severities and not readings:
-                if ok:
-                    ok.update(zip(run_names, values, strict=True))
-                else:
-                    ok = dict(zip(run_names, values, strict=True))
+                ok.update(zip(run_names, values, strict=True))
                 continue
             statuses: list[int] = [0] * len(run_names)
             stamps: list[float] = [0.0] * len(run_names)
